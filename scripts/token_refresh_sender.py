@@ -1,0 +1,2127 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.9"
+# dependencies = ["pyyaml>=6"]
+# ///
+"""Keep a trading bot supplied with fresh Schwab access tokens.
+
+What the daemon does, step by step:
+
+1. Resolve settings: built-in defaults, then the optional settings file
+   (``configs/token_refresh_sender.yaml``), then the command line. Default paths are
+   relative to the bundle root (the folder above ``scripts/``), never to the working
+   directory.
+2. Validate the app config (``app_key``, ``app_secret``) and the schwab-py token file,
+   including their permissions; fail fast with one line and a sysexits code.
+3. Tell systemd READY=1 (when ``NOTIFY_SOCKET`` is set) and remove temporary files that
+   a crash may have left next to the token file.
+4. If the access token on disk is valid for longer than the margin, hand it to the bot
+   now; otherwise refresh first.
+5. Refresh at ``expires_at - refresh_margin_seconds`` (never later than
+   ``max_refresh_interval_seconds`` after the last refresh): under an exclusive lock,
+   re-read the file, adopt a fresher token another writer left there, or call Schwab's
+   ``refresh_token`` grant, then rewrite the file atomically keeping
+   ``creation_timestamp`` and every unknown field.
+6. Push ``{"access_token", "refresh_token", "expires_at"}`` to the bot's Unix socket,
+   after checking that the path is a socket whose listener is an allowed user.
+7. Sleep on one ``select``: the refresh timer, the watchdog, inotify on the socket's and
+   the token file's folders (a restarted bot gets a token at once; a new login written
+   by another program is picked up), and signals.
+8. Transient endpoint failures back off exponentially with full jitter; a rejected
+   refresh token stops the refreshes, keeps delivering the still-valid access token, and
+   waits for a new login (the token file changing) or SIGHUP/SIGUSR1.
+
+Run it as ``scripts/run_token_sender.sh`` (uv), ``uv run scripts/token_refresh_sender.py``
+or ``python3 scripts/token_refresh_sender.py`` where PyYAML is installed. ``--help`` lists
+the options; README.md documents settings, exit codes, signals and log messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import copy
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import ipaddress
+import json
+import logging
+import logging.handlers
+import os
+import pwd
+import random
+import secrets
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from types import FrameType
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NoReturn,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+)
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - depends on the host
+    sys.stderr.write("token_refresh_sender: error: PyYAML is not installed: run the sender with "
+                     "scripts/run_token_sender.sh (uv installs it) or 'pip install pyyaml'\n")
+    raise SystemExit(78) from None
+
+VERSION = "1.0.0"
+PROG = "token_refresh_sender"
+
+BUNDLE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_APP_CONFIG = BUNDLE_ROOT / "configs" / "schwab_app_config.yaml"
+DEFAULT_TOKEN_FILE = BUNDLE_ROOT / "configs" / "schwab_tokens.json"
+DEFAULT_SETTINGS_FILE = BUNDLE_ROOT / "configs" / "token_refresh_sender.yaml"
+DEFAULT_LOG_FILE = BUNDLE_ROOT / "logs" / "token_refresh_sender.log"
+DEFAULT_STATE_FILE = BUNDLE_ROOT / "logs" / "token_refresh_sender.state.json"
+DEFAULT_SOCKET = Path("/tmp/bigbrother_token.sock")  # noqa: S108 - the bot's fixed path
+DEFAULT_TOKEN_URL = "https://api.schwabapi.com/v1/oauth/token"  # noqa: S105 - a URL
+LOGIN_COMMAND = "scripts/run_token_sender.sh --login"
+
+# sysexits.h codes: systemd units and cron wrappers can tell the failure classes apart.
+EXIT_OK = 0
+EXIT_USAGE = 64
+EXIT_DATAERR = 65  # a file is malformed
+EXIT_NOINPUT = 66  # a file is missing
+EXIT_UNAVAILABLE = 69  # the bot rejected the token, or the socket's listener is not allowed
+EXIT_SOFTWARE = 70  # a bug
+EXIT_CANTCREAT = 73  # the token file (or log) could not be written
+EXIT_TEMPFAIL = 75  # the endpoint failed transiently
+EXIT_NOPERM = 77  # the refresh token was rejected: a new login is needed
+EXIT_CONFIG = 78  # bad settings or unsafe permissions
+
+BOT_MAX_MESSAGE = 4096  # the bot does one recv() of at most 4095 bytes
+BOT_EXPIRY_MARGIN = 300  # the bot treats a token as expired 5 minutes early
+MAX_RESPONSE_BYTES = 256 * 1024  # a token response is about 2 KiB
+MAX_BOT_REPLY = 64
+ONCE_REFRESH_ATTEMPTS = 3
+POLL_INTERVAL = 2.0  # used only where inotify is unavailable
+WARN_REPEAT_SECONDS = 6 * 3600
+WARN_EVERY_REFRESH_SECONDS = 12 * 3600
+FINGERPRINT_HEX = 8
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SenderError(Exception):
+    """An expected failure: one line for the user, and the exit code that classifies it."""
+
+    exit_code = EXIT_SOFTWARE
+
+
+class SettingsError(SenderError):
+    exit_code = EXIT_CONFIG
+
+
+class UnsafePermissions(SenderError):
+    exit_code = EXIT_CONFIG
+
+
+class MissingFile(SenderError):
+    exit_code = EXIT_NOINPUT
+
+
+class MalformedFile(SenderError):
+    exit_code = EXIT_DATAERR
+
+
+class WriteFailed(SenderError):
+    exit_code = EXIT_CANTCREAT
+
+
+class RefreshRejected(SenderError):
+    """Schwab refused the refresh token: only a new interactive login helps."""
+
+    exit_code = EXIT_NOPERM
+
+
+class TransientRefreshError(SenderError):
+    """The endpoint failed in a way that retrying may fix."""
+
+    exit_code = EXIT_TEMPFAIL
+
+    def __init__(self, message: str, retry_after: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StopRequested(Exception):
+    """Raised from the signal handler to abandon a blocking network call on SIGTERM."""
+
+
+# ------------------------------------------------------------------- secret hygiene
+
+
+def fingerprint(value: str) -> str:
+    """Identify a token in logs without revealing it."""
+    return hashlib.sha256(value.encode()).hexdigest()[:FINGERPRINT_HEX]
+
+
+class Redactor(logging.Filter):
+    """Last line of defence: replace any known secret that reaches a log line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: Set[str] = set()
+
+    def add(self, *values: Optional[str]) -> None:
+        for value in values:
+            if value and len(value) >= 6:
+                self._secrets.add(value)
+
+    def redact(self, text: str) -> str:
+        for value in self._secrets:
+            if value in text:
+                text = text.replace(value, f"<redacted:{fingerprint(value)}>")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.redact(message)
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, None
+        return True
+
+
+REDACTOR = Redactor()
+log = logging.getLogger(PROG)
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Cap and flatten text that came from outside (an error description) for one log line."""
+    flat = "".join(ch if ch.isprintable() else " " for ch in text)
+    return flat if len(flat) <= limit else flat[:limit] + "..."
+
+
+def when(ts: float) -> str:
+    """A Unix time as local time and UTC, e.g. '2026-12-03 17:20:00 CET (16:20:00 UTC)'."""
+    utc = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+    local = utc.astimezone()
+    if local.utcoffset() == dt.timedelta(0):
+        return f"{utc:%Y-%m-%d %H:%M:%S} UTC"
+    return f"{local:%Y-%m-%d %H:%M:%S %Z} ({utc:%Y-%m-%d %H:%M:%S} UTC)"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(abs(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+# ------------------------------------------------------------------------ settings
+
+Number = Union[int, float]
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every tunable, with its default. The settings file may set each field by name."""
+
+    token_url: str = DEFAULT_TOKEN_URL
+    socket_path: Path = DEFAULT_SOCKET
+    refresh_margin_seconds: float = 600
+    max_refresh_interval_seconds: float = 1500
+    http_timeout_seconds: float = 30
+    socket_timeout_seconds: float = 5
+    socket_retries: int = 3
+    socket_retry_delay_seconds: float = 5
+    backoff_initial_seconds: float = 5
+    backoff_max_seconds: float = 300
+    refresh_token_lifetime_days: float = 7
+    refresh_token_warn_hours: float = 48
+    allowed_peer_users: Tuple[Union[str, int], ...] = ()
+    log_file: Optional[Path] = DEFAULT_LOG_FILE
+    log_level: str = "INFO"
+    state_file: Path = DEFAULT_STATE_FILE
+    ca_file: Optional[Path] = None
+
+    @property
+    def allowed_uids(self) -> Set[int]:
+        """Root and our own user are always trusted; the rest were resolved at load time."""
+        uids = {0, os.geteuid()}
+        for user in self.allowed_peer_users:
+            uids.add(user if isinstance(user, int) else pwd.getpwnam(user).pw_uid)
+        return uids
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# name -> (minimum, exclusive?) for numeric settings
+_NUMERIC_LIMITS: Dict[str, Tuple[float, bool]] = {
+    "refresh_margin_seconds": (0, False),
+    "max_refresh_interval_seconds": (0, True),
+    "http_timeout_seconds": (0, True),
+    "socket_timeout_seconds": (0, True),
+    "socket_retries": (0, False),
+    "socket_retry_delay_seconds": (0, False),
+    "backoff_initial_seconds": (0, True),
+    "backoff_max_seconds": (0, True),
+    "refresh_token_lifetime_days": (0, True),
+    "refresh_token_warn_hours": (0, False),
+}
+_PATH_SETTINGS = ("socket_path", "log_file", "state_file", "ca_file")
+
+
+def _setting_number(name: str, value: Any) -> Number:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SettingsError(f"setting {name}: expected a number, got {value!r}")
+    if name == "socket_retries" and not isinstance(value, int):
+        raise SettingsError(f"setting {name}: expected a whole number, got {value!r}")
+    minimum, exclusive = _NUMERIC_LIMITS[name]
+    if value < minimum or (exclusive and value == minimum):
+        bound = "greater than" if exclusive else "at least"
+        raise SettingsError(f"setting {name}: must be {bound} {minimum}, got {value!r}")
+    return value
+
+
+def _setting_path(name: str, value: Any) -> Optional[Path]:
+    if name == "log_file" and value in ("-", None):
+        return None
+    if name == "ca_file" and value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise SettingsError(f"setting {name}: expected a path, got {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else BUNDLE_ROOT / path
+
+
+def _setting_users(value: Any) -> Tuple[Union[str, int], ...]:
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise SettingsError(f"setting allowed_peer_users: expected a list of users, got {value!r}")
+    users: List[Union[str, int]] = []
+    for user in value:
+        if isinstance(user, bool) or not isinstance(user, (str, int)):
+            raise SettingsError(f"setting allowed_peer_users: {user!r} is not a user name or uid")
+        if isinstance(user, str):
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                raise SettingsError(
+                    f"setting allowed_peer_users: no such user {user!r} on this host"
+                ) from None
+        users.append(user)
+    return tuple(users)
+
+
+def validate_token_url(url: Any) -> str:
+    """https:// only, except plain http:// to a loopback host (local fakes and trials)."""
+    if not isinstance(url, str):
+        raise SettingsError(f"setting token_url: expected a URL, got {url!r}")
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme not in ("https", "http") or not host:
+        raise SettingsError(f"setting token_url: {url!r} is not an https:// URL")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise SettingsError(
+            f"setting token_url: {url!r} uses plain http; only https:// is allowed "
+            "(http:// only for loopback hosts such as 127.0.0.1)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise SettingsError(f"setting token_url: {url!r} has an invalid port") from None
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def apply_setting(settings: Settings, name: str, value: Any) -> None:
+    """Validate one setting by name and store it; every source of settings goes through here."""
+    if name == "token_url":
+        settings.token_url = validate_token_url(value)
+    elif name in _NUMERIC_LIMITS:
+        setattr(settings, name, _setting_number(name, value))
+    elif name in _PATH_SETTINGS:
+        path = _setting_path(name, value)
+        if path is None and name in ("socket_path", "state_file"):
+            raise SettingsError(f"setting {name}: expected a path, got {value!r}")
+        setattr(settings, name, path)
+    elif name == "allowed_peer_users":
+        settings.allowed_peer_users = _setting_users(value)
+    elif name == "log_level":
+        if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+            raise SettingsError(
+                f"setting log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}"
+            )
+        settings.log_level = value.upper()
+    else:
+        known = ", ".join(f.name for f in dataclasses.fields(Settings))
+        raise SettingsError(f"unknown setting {name!r} (known settings: {known})")
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.backoff_max_seconds < settings.backoff_initial_seconds:
+        raise SettingsError(
+            "setting backoff_max_seconds: must be at least backoff_initial_seconds "
+            f"({settings.backoff_max_seconds} < {settings.backoff_initial_seconds})"
+        )
+    if settings.ca_file is not None and not settings.ca_file.is_file():
+        raise SettingsError(f"setting ca_file: {settings.ca_file} is not a readable file")
+
+
+def read_settings_file(path: Path) -> Dict[str, Any]:
+    """The settings file as a mapping; an empty file means all defaults."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingFile(
+            f"settings file {path} does not exist "
+            "(copy configs/token_refresh_sender.yaml.example, or omit --config)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"settings file {path}: cannot read it: {_reason(exc)}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"settings file {path}: invalid YAML{_yaml_where(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(
+            f"settings file {path}: expected a mapping of settings, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_settings(
+    path: Path, explicit: bool, overrides: Mapping[str, Any]
+) -> Settings:
+    """Defaults, then the settings file, then the command line."""
+    settings = Settings()
+    if explicit or path.exists():
+        for name, value in read_settings_file(path).items():
+            try:
+                apply_setting(settings, str(name), value)
+            except SettingsError as exc:
+                raise SettingsError(f"settings file {path}: {exc}") from None
+    for name, value in overrides.items():
+        if value is not None:
+            apply_setting(settings, name, value)
+    _check_consistency(settings)
+    return settings
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or ""
+    if mark is not None:
+        return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}".rstrip(": ")
+    return f": {problem}" if problem else ""
+
+
+# ---------------------------------------------------------------------- app config
+
+
+@dataclasses.dataclass(frozen=True)
+class AppConfig:
+    app_key: str
+    app_secret: str = dataclasses.field(repr=False)
+    callback_url: Optional[str] = None
+
+
+def check_secret_permissions(path: Path, what: str) -> None:
+    """Refuse a secret file that other users can read or write; warn once about group access."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # reading it will report the problem
+    if mode & 0o007:
+        raise UnsafePermissions(
+            f"{what} {path} is accessible by other users (mode {stat.S_IMODE(mode):04o}): "
+            f"run 'chmod 600 {path}'"
+        )
+    if mode & 0o070:
+        log.warning(
+            "%s %s is accessible by its group (mode %04o); fine if a dashboard shares it, "
+            "otherwise run 'chmod 600 %s'",
+            what, path, stat.S_IMODE(mode), path,
+        )
+
+
+def load_app_config(path: Path) -> AppConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingFile(
+            f"app config {path} does not exist: copy configs/schwab_app_config.yaml.example "
+            "there, fill in app_key and app_secret, and chmod 600 it"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MalformedFile(f"app config {path}: cannot read it: {_reason(exc)}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MalformedFile(f"app config {path}: invalid YAML{_yaml_where(exc)}") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise MalformedFile(f"app config {path}: expected a mapping with app_key and app_secret, "
+                            f"the file is {kind}")
+    values: Dict[str, str] = {}
+    for key in ("app_key", "app_secret"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise MalformedFile(f"app config {path}: {key}: expected a non-empty string, "
+                                f"{'missing' if value is None else 'got ' + type(value).__name__}")
+        values[key] = value.strip()
+    callback = data.get("callback_url")
+    config = AppConfig(values["app_key"], values["app_secret"],
+                       callback if isinstance(callback, str) else None)
+    REDACTOR.add(config.app_secret)
+    return config
+
+
+# ---------------------------------------------------------------------- token file
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """A parsed schwab-py token file. ``document`` keeps every field for the rewrite."""
+
+    document: Dict[str, Any] = dataclasses.field(repr=False)
+
+    @property
+    def body(self) -> Dict[str, Any]:
+        token: Dict[str, Any] = self.document["token"]
+        return token
+
+    @property
+    def access_token(self) -> str:
+        return str(self.body.get("access_token") or "")
+
+    @property
+    def refresh_token(self) -> str:
+        return str(self.body["refresh_token"])
+
+    @property
+    def expires_at(self) -> int:
+        return int(self.body["expires_at"])
+
+    @property
+    def lifetime(self) -> float:
+        """The access token's lifetime as issued (Schwab: 1800 s)."""
+        expires_in = self.body.get("expires_in")
+        if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)):
+            return 1800.0
+        return float(expires_in) if expires_in > 0 else 1800.0
+
+    @property
+    def creation_timestamp(self) -> Optional[float]:
+        value = self.document.get("creation_timestamp")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def valid_for(self, now: float) -> float:
+        return self.expires_at - now
+
+
+def parse_token_document(raw: bytes, path: Path) -> Token:
+    """Parse and check the fields we rely on; keep everything else untouched."""
+    where = f"token file {path}"
+    if not raw.strip():
+        raise MalformedFile(f"{where} is empty (a writer may have been interrupted): "
+                            f"restore it from a backup or run {LOGIN_COMMAND}")
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise MalformedFile(f"{where} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedFile(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                            f"{exc.msg} (truncated or half-written?)") from None
+    except ValueError as exc:
+        raise MalformedFile(f"{where}: invalid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise MalformedFile(f"{where}: expected a JSON object, got {_json_type(doc)}")
+    token = doc.get("token")
+    if not isinstance(token, dict):
+        raise MalformedFile(f"{where}: token: expected an object with the tokens, "
+                            f"{'missing' if token is None else 'got ' + _json_type(token)}")
+    _expect(token, "refresh_token", str, where, nonempty=True)
+    _expect(token, "access_token", str, where, nonempty=False)
+    _expect(token, "expires_at", int, where, nonempty=False)
+    created = doc.get("creation_timestamp")
+    if created is not None and (isinstance(created, bool)
+                                or not isinstance(created, (int, float))):
+        raise MalformedFile(f"{where}: creation_timestamp: expected a Unix time, "
+                            f"got {_json_type(created)}")
+    parsed = Token(doc)
+    REDACTOR.add(parsed.access_token, parsed.refresh_token, token.get("id_token"))
+    return parsed
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _expect(obj: Dict[str, Any], key: str, kind: type, where: str, nonempty: bool) -> None:
+    value = obj.get(key)
+    wanted = "an integer" if kind is int else "a string"
+    if value is None:
+        raise MalformedFile(f"{where}: token.{key}: missing (expected {wanted})")
+    if isinstance(value, bool) or not isinstance(value, kind) or (nonempty and not value):
+        got = "an empty string" if value == "" else _json_type(value)
+        raise MalformedFile(f"{where}: token.{key}: expected {wanted}, got {got}")
+
+
+def merge_refresh(token: Token, answer: Dict[str, Any], now: float) -> Token:
+    """The token file after a refresh: new values in, creation_timestamp and unknowns kept."""
+    doc = copy.deepcopy(token.document)
+    body = doc["token"]
+    body["access_token"] = answer["access_token"]
+    # Schwab does not document whether it rotates refresh tokens: keep whatever came back.
+    body["refresh_token"] = answer.get("refresh_token") or token.refresh_token
+    body["expires_in"] = int(answer["expires_in"])
+    body["expires_at"] = int(now + int(answer["expires_in"]))
+    for key in ("token_type", "scope", "id_token"):
+        if key in answer:
+            body[key] = answer[key]
+    return Token(doc)
+
+
+class AtomicFile:
+    """Write-then-rename with fsyncs: a reader sees the old file or the new one, never a mix."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def temp_glob(self) -> str:
+        return f".{self.path.name}.*.tmp"
+
+    def write(self, data: bytes, durable: bool = True, mode: int = 0o600) -> None:
+        folder = self.path.parent
+        owner: Optional[Tuple[int, int]] = None
+        try:
+            old = self.path.stat()
+            # Never wider than it was, and never anything for "other".
+            mode = stat.S_IMODE(old.st_mode) & 0o660 | 0o600
+            owner = (old.st_uid, old.st_gid)
+        except FileNotFoundError:
+            pass
+        temp = folder / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), mode)  # umask may have narrowed it
+                if owner is not None and os.geteuid() == 0:
+                    os.fchown(handle.fileno(), *owner)
+                handle.write(data)
+                handle.flush()
+                if durable:
+                    os.fsync(handle.fileno())
+            temp.replace(self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        if durable:
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+class TokenStore:
+    """The token file: read, lock, rewrite atomically, clean crash leftovers."""
+
+    LOCK_POLL = 0.05
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+        self.file = AtomicFile(path)
+
+    def read_bytes(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            raise MissingFile(
+                f"token file {self.path} does not exist: log in once with {LOGIN_COMMAND} "
+                "or copy a schwab-py token file there (chmod 600)"
+            ) from None
+        except OSError as exc:
+            raise MalformedFile(f"token file {self.path}: cannot read it: {_reason(exc)}") from None
+
+    def read(self, attempts: int = 3) -> Token:
+        """Parse the file, giving an in-place writer (schwab-py) a moment to finish."""
+        for attempt in range(attempts):
+            try:
+                return parse_token_document(self.read_bytes(), self.path)
+            except MalformedFile:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
+
+    def signature(self) -> Optional[Tuple[int, int, int]]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float) -> Iterator[None]:
+        """Exclusive flock on the sidecar lock file, so two senders never refresh twice."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise WriteFailed(f"cannot open lock file {self.lock_path}: {_reason(exc)} "
+                              f"(the folder {self.path.parent} must be writable)") from None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise WriteFailed(
+                            f"lock file {self.lock_path} is held by another process for "
+                            f"over {timeout:.0f}s"
+                        ) from None
+                    time.sleep(self.LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)
+
+    def write(self, token: Token) -> None:
+        data = (json.dumps(token.document, indent=2) + "\n").encode()
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise WriteFailed(
+                f"could not write token file {self.path}: {_reason(exc)}; "
+                "the previous file is intact"
+            ) from None
+
+    def clean_stale_temps(self) -> int:
+        """Remove temporary files a crash left behind (call with the lock held)."""
+        removed = 0
+        for temp in self.path.parent.glob(self.file.temp_glob()):
+            with contextlib.suppress(OSError):
+                temp.unlink()
+                removed += 1
+        return removed
+
+
+# -------------------------------------------------------------------- OAuth client
+
+
+class NoRedirects(Exception):
+    pass
+
+
+class OAuthClient:
+    """Schwab's token endpoint: one bounded attempt per call, errors classified for retry."""
+
+    def __init__(self, settings: Settings, app: AppConfig) -> None:
+        self.url = urllib.parse.urlsplit(settings.token_url)
+        self.timeout = settings.http_timeout_seconds
+        self.ca_file = settings.ca_file
+        self.app = app
+
+    def refresh(self, refresh_token: str) -> Dict[str, Any]:
+        return self._token_request({"grant_type": "refresh_token",
+                                    "refresh_token": refresh_token})
+
+    def _token_request(self, form: Dict[str, str]) -> Dict[str, Any]:
+        body = urllib.parse.urlencode(form).encode()
+        credentials = f"{self.app.app_key}:{self.app.app_secret}".encode()
+        headers = {
+            "Authorization": "Basic " + base64.b64encode(credentials).decode(),
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json",
+            "User-Agent": f"{PROG}/{VERSION}",
+        }
+        status, reply_headers, data = self._post(body, headers)
+        return classify_answer(status, reply_headers, data)
+
+    def _connection(self) -> Any:
+        import http.client  # imported on first refresh: keeps start-up and idle memory small
+
+        host = self.url.hostname or ""
+        port = self.url.port
+        proxy = _proxy_for(self.url)
+        target_host, target_port = (proxy.hostname or "", proxy.port) if proxy else (host, port)
+        conn: Any
+        if self.url.scheme == "https":
+            conn = http.client.HTTPSConnection(target_host, target_port or (
+                (proxy and 3128) or 443), timeout=self.timeout, context=self._tls_context())
+        else:
+            conn = http.client.HTTPConnection(target_host, target_port or 80,
+                                              timeout=self.timeout)
+        if proxy:
+            conn.set_tunnel(host, port or 443)
+        return conn
+
+    def _tls_context(self) -> Any:
+        import ssl
+
+        context = ssl.create_default_context()
+        if self.ca_file is not None:
+            context.load_verify_locations(cafile=str(self.ca_file))
+        return context
+
+    def _post(self, body: bytes, headers: Dict[str, str]) -> Tuple[int, Any, bytes]:
+        """One POST with a hard deadline on the whole exchange, not only on each read."""
+        import http.client
+        import ssl
+
+        conn = self._connection()
+        expired = threading.Event()
+
+        def cut() -> None:
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.timeout, cut)
+        timer.daemon = True
+        timer.start()
+        path = self.url.path or "/"
+        if self.url.query:
+            path += "?" + self.url.query
+        endpoint = f"{self.url.scheme}://{self.url.netloc}"
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = _read_bounded(response, MAX_RESPONSE_BYTES)
+            return response.status, response.headers, data
+        except ssl.SSLCertVerificationError as exc:
+            raise TransientRefreshError(
+                f"TLS certificate of {endpoint} could not be verified ({exc.verify_message}); "
+                "if a proxy intercepts TLS here, set ca_file to its CA bundle"
+            ) from None
+        except ssl.SSLError as exc:
+            raise TransientRefreshError(f"TLS error talking to {endpoint}: {exc.reason}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                raise TransientRefreshError(
+                    f"{endpoint} did not answer within {self.timeout:g}s"
+                ) from None
+            raise TransientRefreshError(
+                f"cannot reach {endpoint}: {_network_reason(exc)}"
+            ) from None
+        finally:
+            timer.cancel()
+            conn.close()
+
+
+def _proxy_for(url: urllib.parse.SplitResult) -> Optional[urllib.parse.SplitResult]:
+    """Honour https_proxy/no_proxy like urllib does (CONNECT tunnel)."""
+    import urllib.request
+
+    if url.scheme != "https" or urllib.request.proxy_bypass(url.hostname or ""):
+        return None
+    proxy = urllib.request.getproxies().get("https")
+    return urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy) if proxy else None
+
+
+def _network_reason(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, socket.gaierror):
+        return f"name resolution failed ({exc.strerror})"
+    return printable(_reason(exc), 120)
+
+
+def _read_bounded(response: Any, limit: int) -> bytes:
+    chunks: List[bytes] = []
+    size = 0
+    while True:
+        chunk = response.read1(16384)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise TransientRefreshError(
+                f"token endpoint sent more than {limit // 1024} KiB; answer ignored"
+            )
+        chunks.append(chunk)
+
+
+def _retry_after(headers: Any) -> Optional[float]:
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+REJECTION_ERRORS = {"invalid_grant", "invalid_client", "unsupported_token_type",
+                    "unauthorized_client"}
+
+
+def classify_answer(status: int, headers: Any, data: bytes) -> Dict[str, Any]:
+    """A usable token answer, or the exception that says what went wrong (never the body)."""
+    try:
+        parsed: Any = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except ValueError:
+        parsed = None
+    error = description = ""
+    if isinstance(parsed, dict):
+        error = printable(str(parsed.get("error") or ""), 60)
+        description = printable(str(parsed.get("error_description") or ""), 200)
+    oauth = f" ({error}: {description})" if error or description else ""
+
+    if status == 200:
+        return _usable_answer(parsed)
+    if 300 <= status < 400:
+        location = headers.get("Location", "") if headers is not None else ""
+        target = urllib.parse.urlsplit(location).netloc or "elsewhere"
+        raise TransientRefreshError(
+            f"token endpoint answered HTTP {status} redirecting to {printable(target, 80)}; "
+            "redirects are not followed (check token_url)"
+        )
+    if status in (400, 401) and (error in REJECTION_ERRORS or "refresh" in description.lower()
+                                 or "refresh_token" in error):
+        raise RefreshRejected(
+            f"Schwab rejected the refresh token: HTTP {status}{oauth}; a new login is "
+            f"needed: run {LOGIN_COMMAND}"
+        )
+    kind = "not JSON" if parsed is None else "JSON"
+    if status == 429:
+        raise TransientRefreshError(f"token endpoint is rate limiting: HTTP 429{oauth}",
+                                    _retry_after(headers))
+    if status >= 500:
+        raise TransientRefreshError(f"token endpoint failed: HTTP {status}{oauth}",
+                                    _retry_after(headers))
+    raise TransientRefreshError(f"token endpoint answered HTTP {status} ({kind}){oauth}",
+                                _retry_after(headers))
+
+
+def _usable_answer(parsed: Any) -> Dict[str, Any]:
+    if not isinstance(parsed, dict):
+        what = "not JSON" if parsed is None else _json_type(parsed)
+        raise TransientRefreshError(f"token endpoint answered HTTP 200 with {what}")
+    access = parsed.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise TransientRefreshError("token endpoint answered HTTP 200 without an access_token")
+    refresh = parsed.get("refresh_token")
+    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+        raise TransientRefreshError("token endpoint answered HTTP 200 with an invalid "
+                                    "refresh_token")
+    expires_in = parsed.get("expires_in", 1800)
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int) or not (
+            0 < expires_in <= 86400):
+        raise TransientRefreshError("token endpoint answered HTTP 200 with an invalid "
+                                    "expires_in")
+    for key in ("token_type", "scope", "id_token"):
+        if key in parsed and not isinstance(parsed[key], str):
+            raise TransientRefreshError(f"token endpoint answered HTTP 200 with an invalid {key}")
+    REDACTOR.add(access, refresh, parsed.get("id_token"))
+    return dict(parsed, expires_in=expires_in)
+
+
+def backoff_delay(attempt: int, settings: Settings, retry_after: Optional[float],
+                  rng: Callable[[float, float], float] = random.uniform) -> float:
+    """Exponential backoff with full jitter, never shorter than a Retry-After (capped)."""
+    ceiling = min(settings.backoff_max_seconds,
+                  settings.backoff_initial_seconds * 2 ** max(0, attempt - 1))
+    delay = rng(0, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.backoff_max_seconds))
+    return delay
+
+
+# ---------------------------------------------------------------------- bot client
+
+
+class Delivery:
+    """Outcomes of one delivery attempt."""
+
+    DELIVERED = "delivered"
+    ABSENT = "bot not running"  # no socket file: nobody to deliver to
+    RETRY = "no answer"  # refused, timed out or closed without a reply
+    REJECTED = "rejected by the bot"
+    REFUSED = "refused for security"  # not a socket, or a listener we do not trust
+
+
+@dataclasses.dataclass
+class DeliveryResult:
+    outcome: str
+    detail: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.outcome != Delivery.RETRY
+
+
+class BotClient:
+    """The bot's receiver: one message per connection, answered OK or ERROR, then closed."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.socket_path
+        self.timeout = settings.socket_timeout_seconds
+        self.allowed_uids = settings.allowed_uids
+
+    def inspect(self) -> DeliveryResult:
+        """Check the path without sending: exists? a socket (not a link)? who listens?"""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return DeliveryResult(Delivery.ABSENT, f"{self.path} does not exist")
+        except OSError as exc:
+            return DeliveryResult(Delivery.REFUSED, f"cannot inspect {self.path}: {_reason(exc)}")
+        if not stat.S_ISSOCK(st.st_mode):
+            return DeliveryResult(Delivery.REFUSED,
+                                  f"{self.path} is {_file_kind(st.st_mode)}, not a socket")
+        return DeliveryResult(Delivery.DELIVERED)
+
+    def deliver(self, token: Token) -> DeliveryResult:
+        payload = json.dumps({"access_token": token.access_token,
+                              "refresh_token": token.refresh_token,
+                              "expires_at": token.expires_at}, separators=(",", ":")).encode()
+        if len(payload) >= BOT_MAX_MESSAGE:
+            return DeliveryResult(Delivery.REJECTED,
+                                  f"message of {len(payload)} bytes does not fit the bot's "
+                                  f"{BOT_MAX_MESSAGE - 1}-byte read; not sent")
+        found = self.inspect()
+        if found.outcome != Delivery.DELIVERED:
+            return found
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(str(self.path))
+            except FileNotFoundError:
+                return DeliveryResult(Delivery.ABSENT, f"{self.path} disappeared")
+            except (ConnectionRefusedError, socket.timeout) as exc:
+                return DeliveryResult(Delivery.RETRY, f"connect: {_network_reason(exc)}")
+            uid = _peer_uid(sock)
+            if uid not in self.allowed_uids:
+                return DeliveryResult(
+                    Delivery.REFUSED,
+                    f"the listener on {self.path} runs as uid {uid} ({_user_name(uid)}), "
+                    "which is not in allowed_peer_users; nothing sent")
+            sock.sendall(payload)
+            reply = _read_reply(sock)
+        except socket.timeout:
+            return DeliveryResult(Delivery.RETRY, f"no reply within {self.timeout:g}s")
+        except OSError as exc:
+            return DeliveryResult(Delivery.RETRY, _network_reason(exc))
+        finally:
+            sock.close()
+        if reply == b"OK":
+            return DeliveryResult(Delivery.DELIVERED)
+        if reply == b"":
+            return DeliveryResult(Delivery.RETRY, "the bot closed without a reply")
+        if reply == b"ERROR":
+            return DeliveryResult(Delivery.REJECTED, "the bot answered ERROR")
+        return DeliveryResult(Delivery.REJECTED,
+                              f"unexpected reply {printable(reply.decode('latin-1'), 40)!r}")
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    """Read until the bot closes, bounded in size and (via the socket timeout) in time."""
+    deadline = time.monotonic() + (sock.gettimeout() or 5.0)
+    reply = b""
+    while len(reply) <= MAX_BOT_REPLY:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout
+        sock.settimeout(remaining)
+        chunk = sock.recv(MAX_BOT_REPLY)
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "unknown user"
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "a special file"
+
+
+# ------------------------------------------------------------------------- watcher
+
+
+class PathWatcher:
+    """Tell when watched paths change: inotify on their folders, else a 2 s stat poll."""
+
+    IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x8, 0x40, 0x80
+    IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+    IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
+    MASK = (IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+            | IN_DELETE_SELF | IN_MOVE_SELF)
+    EVENT = struct.Struct("iIII")
+
+    def __init__(self, paths: List[Path], use_inotify: bool = True) -> None:
+        self.paths = paths
+        self.fd: Optional[int] = None
+        self._watches: Dict[int, Path] = {}
+        self._stats = {path: _stat_signature(path) for path in paths}
+        if use_inotify:
+            self._start_inotify()
+
+    @property
+    def poll_interval(self) -> Optional[float]:
+        return None if self.fd is not None else POLL_INTERVAL
+
+    def _start_inotify(self) -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "inotify_init1")
+            for folder in {path.parent for path in self.paths}:
+                wd = libc.inotify_add_watch(fd, os.fsencode(folder), self.MASK)
+                if wd < 0:
+                    os.close(fd)
+                    raise OSError(ctypes.get_errno(), f"inotify_add_watch {folder}")
+                self._watches[wd] = folder
+            self.fd = fd
+        except (OSError, AttributeError) as exc:
+            log.info("inotify unavailable (%s); checking the socket every %gs instead",
+                     _reason(exc), POLL_INTERVAL)
+
+    def changes(self) -> Set[Path]:
+        """Watched paths that changed since the last call (drains pending events)."""
+        if self.fd is None:
+            return self._poll()
+        names: Set[Path] = set()
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset + self.EVENT.size <= len(data):
+                wd, _mask, _cookie, length = self.EVENT.unpack_from(data, offset)
+                offset += self.EVENT.size
+                name = data[offset:offset + length].rstrip(b"\0")
+                offset += length
+                folder = self._watches.get(wd)
+                if folder is not None:
+                    names.add(folder / os.fsdecode(name))
+        return {path for path in self.paths if path in names}
+
+    def _poll(self) -> Set[Path]:
+        changed = set()
+        for path in self.paths:
+            now = _stat_signature(path)
+            if now != self._stats[path]:
+                self._stats[path] = now
+                changed.add(path)
+        return changed
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _stat_signature(path: Path) -> Optional[Tuple[int, int, int, int]]:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+# --------------------------------------------------------------- signals and loop
+
+
+class Signals:
+    """Handlers only set flags (and wake the loop through a pipe); the loop acts on them."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.reload = False
+        self.refresh_now = False
+        self.interruptible = False
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def install(self) -> None:
+        signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame: Optional[FrameType]) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop = True
+            if self.interruptible:
+                raise StopRequested
+        elif signum == signal.SIGHUP:
+            self.reload = True
+        elif signum == signal.SIGUSR1:
+            self.refresh_now = True
+
+    @contextlib.contextmanager
+    def network_call(self) -> Iterator[None]:
+        """A blocking network call that SIGTERM may abandon (no file write happens inside)."""
+        if self.stop:
+            raise StopRequested
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
+
+    @property
+    def pending(self) -> bool:
+        return self.stop or self.reload or self.refresh_now
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read_fd, 512):
+                pass
+
+
+class EventLoop:
+    """The one place the daemon sleeps: until a timeout, a signal or a watched path changes."""
+
+    def __init__(self, signals: Signals, watcher: PathWatcher) -> None:
+        self.signals = signals
+        self.watcher = watcher
+
+    def wait(self, timeout: float) -> Set[Path]:
+        if self.signals.pending:
+            return self.watcher.changes() if self.watcher.fd is not None else set()
+        poll = self.watcher.poll_interval
+        if poll is not None:
+            timeout = min(timeout, poll)
+        fds = [self.signals.fileno()] + ([self.watcher.fd] if self.watcher.fd is not None else [])
+        with contextlib.suppress(InterruptedError):
+            select.select(fds, [], [], max(0.0, timeout))
+        self.signals.drain()
+        return self.watcher.changes()
+
+
+# ------------------------------------------------------------------- systemd notify
+
+
+class Notifier:
+    """sd_notify in a few lines of stdlib; a no-op outside systemd."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        usec = environ.get("WATCHDOG_USEC", "")
+        # WATCHDOG_PID is uv's pid when run through the wrapper: do not insist it is ours.
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
+
+    def send(self, *fields: str) -> None:
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(fields).encode())
+        except OSError as exc:
+            log.debug("sd_notify failed: %s", _reason(exc))
+
+
+# ---------------------------------------------------------------------- state file
+
+
+class StateFile:
+    """What --status shows: outcomes and times, never a secret."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = AtomicFile(path)
+        self.data: Dict[str, Any] = {"pid": os.getpid(), "consecutive_failures": 0}
+        self._warned = False
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields, updated_at=int(time.time()))
+        try:
+            self.file.write((json.dumps(self.data, indent=2, sort_keys=True) + "\n").encode(),
+                            durable=False, mode=0o640)
+        except OSError as exc:
+            if not self._warned:
+                log.warning("cannot write state file %s: %s (status output will be stale)",
+                            self.file.path, _reason(exc))
+                self._warned = True
+
+    @staticmethod
+    def load(path: Path) -> Dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+# ------------------------------------------------------------------------- the daemon
+
+
+class Sender:
+    """Refresh on schedule, persist safely, deliver at once; one cycle or forever."""
+
+    def __init__(self, settings: Settings, app: AppConfig, store: TokenStore,
+                 signals: Signals, notifier: Notifier, state: StateFile,
+                 rng: Callable[[float, float], float] = random.uniform) -> None:
+        self.settings = settings
+        self.app = app
+        self.store = store
+        self.signals = signals
+        self.notifier = notifier
+        self.state = state
+        self.rng = rng
+        self.oauth = OAuthClient(settings, app)
+        self.bot = BotClient(settings)
+        self.token: Optional[Token] = None
+        self.file_signature: Optional[Tuple[int, int, int]] = None
+        self.unsaved = False  # a refreshed token we could not write yet: it lives only here
+        self.rejected = False
+        self.failures = 0
+        self.next_refresh = 0.0  # monotonic
+        self.last_refresh_mono: Optional[float] = None
+        self.delivered: Optional[str] = None  # fingerprint of the token the bot holds
+        self.delivery_attempts = 0
+        self.next_delivery: Optional[float] = None  # monotonic; retry of a failed delivery
+        self.bot_inode: Optional[Tuple[int, int]] = None
+        self.last_age_warning: Optional[float] = None
+        self.expired_reported = False
+        self.refused_reported: Optional[str] = None
+        self.app_config_hint = ""
+
+    # -- loading ---------------------------------------------------------------
+
+    def load(self) -> Token:
+        """Read the token file at start (and after SIGHUP); clean crash leftovers."""
+        with self.store.locked(self.lock_timeout):
+            removed = self.store.clean_stale_temps()
+            token = self.store.read()
+            self.file_signature = self.store.signature()
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted write", removed)
+        self.token = token
+        self.report_refresh_token_age(at_refresh=False)
+        return token
+
+    @property
+    def lock_timeout(self) -> float:
+        return self.settings.http_timeout_seconds + 15
+
+    # -- scheduling ------------------------------------------------------------
+
+    def refresh_due_at(self, token: Token, now_wall: float, now_mono: float) -> float:
+        """Monotonic time of the next refresh: expires_at - margin, capped by the interval."""
+        margin = min(self.settings.refresh_margin_seconds, token.lifetime / 2)
+        by_expiry = now_mono + (token.expires_at - margin - now_wall)
+        if self.last_refresh_mono is None:
+            issued_wall = token.expires_at - token.lifetime
+            self.last_refresh_mono = now_mono - max(0.0, now_wall - issued_wall)
+        by_interval = self.last_refresh_mono + self.settings.max_refresh_interval_seconds
+        return min(by_expiry, by_interval)
+
+    def schedule_from(self, token: Token) -> None:
+        self.next_refresh = self.refresh_due_at(token, time.time(), time.monotonic())
+
+    # -- refreshing ------------------------------------------------------------
+
+    def refresh(self, force: bool) -> Token:
+        """Under the lock: adopt a fresher token from the file, or refresh and write."""
+        assert self.token is not None
+        with self.store.locked(self.lock_timeout):
+            try:
+                on_disk = self.store.read()
+            except MalformedFile as exc:
+                log.warning("%s; using the token in memory", exc)
+                on_disk = self.token
+            if self.unsaved:
+                on_disk = self.token  # ours is newer than the file we failed to write
+            elif self.adopt_if_newer(on_disk, why="refresh") and not force:
+                return on_disk
+            current = on_disk
+            with self.signals.network_call():
+                answer = self.oauth.refresh(current.refresh_token)
+            now = time.time()
+            fresh = merge_refresh(current, answer, now)
+            self.last_refresh_mono = time.monotonic()
+            self.token = fresh
+            rotated = fresh.refresh_token != current.refresh_token
+            log.info("refreshed access token %s, valid until %s%s",
+                     fingerprint(fresh.access_token), when(fresh.expires_at),
+                     "; Schwab issued a new refresh token" if rotated else "")
+            try:
+                self.store.write(fresh)
+                self.unsaved = False
+                self.file_signature = self.store.signature()
+            except WriteFailed:
+                self.unsaved = True
+                raise
+        return fresh
+
+    def adopt_if_newer(self, on_disk: Token, why: str) -> bool:
+        """Take a token another writer (a manual --once, schwab-py, a login) left in the file."""
+        mine = self.token
+        if mine is None or (on_disk.access_token == mine.access_token and (
+                on_disk.refresh_token == mine.refresh_token)):
+            return False
+        new_login = (on_disk.creation_timestamp or 0) > (mine.creation_timestamp or 0)
+        newer = on_disk.expires_at > mine.expires_at or (
+            self.rejected and on_disk.refresh_token != mine.refresh_token)
+        if not (new_login or newer):
+            return False
+        self.token = on_disk
+        self.last_refresh_mono = None
+        if new_login:
+            log.info("new login detected in %s: refresh token valid until %s",
+                     self.store.path, when(self.refresh_token_expiry(on_disk) or 0))
+            self.expired_reported = False
+            self.last_age_warning = None
+        else:
+            log.info("token file %s was updated by another program (%s): using access token "
+                     "%s, valid until %s", self.store.path, why,
+                     fingerprint(on_disk.access_token), when(on_disk.expires_at))
+        if self.rejected:
+            log.info("resuming refreshes with the new refresh token %s",
+                     fingerprint(on_disk.refresh_token))
+            self.rejected = False
+            self.failures = 0
+        return True
+
+    def refresh_token_expiry(self, token: Token) -> Optional[float]:
+        created = token.creation_timestamp
+        if created is None:
+            return None
+        return created + self.settings.refresh_token_lifetime_days * 86400
+
+    def report_refresh_token_age(self, at_refresh: bool) -> None:
+        """WARNING days before the weekly re-login is due; ERROR once it is past."""
+        assert self.token is not None
+        expiry = self.refresh_token_expiry(self.token)
+        if expiry is None:
+            return
+        left = expiry - time.time()
+        login = f"run {LOGIN_COMMAND} --app-config {self.app_config_hint}"
+        if left <= 0:
+            if not self.expired_reported:
+                log.error("the refresh token expired at %s (%s ago); a new login is needed: %s",
+                          when(expiry), duration(left), login)
+                self.expired_reported = True
+            return
+        if left > self.settings.refresh_token_warn_hours * 3600:
+            return
+        now = time.monotonic()
+        due = (self.last_age_warning is None
+               or now - self.last_age_warning >= WARN_REPEAT_SECONDS
+               or (at_refresh and left <= WARN_EVERY_REFRESH_SECONDS))
+        if due:
+            log.warning("the refresh token expires in %s, at %s; log in again before then: %s",
+                        duration(left), when(expiry), login)
+            self.last_age_warning = now
+
+    # -- delivering ------------------------------------------------------------
+
+    def deliver(self, reason: str) -> DeliveryResult:
+        """One attempt to hand the current token to the bot; logs the outcome."""
+        assert self.token is not None
+        token = self.token
+        if token.valid_for(time.time()) <= 0:
+            result = DeliveryResult(Delivery.REJECTED, "the access token has expired; not sent")
+            log.warning("not delivering to the bot (%s): %s", reason, result.detail)
+            return result
+        with self.signals.network_call():
+            result = self.bot.deliver(token)
+        fp = fingerprint(token.access_token)
+        self.delivery_attempts += 1
+        if result.outcome == Delivery.DELIVERED:
+            self.delivered = fp
+            self.delivery_attempts = 0
+            self.refused_reported = None
+            log.info("delivered access token %s to the bot (%s); it expires at %s",
+                     fp, reason, when(token.expires_at))
+        elif result.outcome == Delivery.ABSENT:
+            log.info("bot not running (%s); the token will be delivered when it starts",
+                     result.detail)
+        elif result.outcome == Delivery.REFUSED:
+            if self.refused_reported != result.detail:
+                log.error("security: refusing to deliver to %s: %s", self.bot.path, result.detail)
+                self.refused_reported = result.detail
+        elif result.outcome == Delivery.REJECTED:
+            log.error("the bot did not accept access token %s: %s", fp, result.detail)
+        else:
+            log.warning("delivery attempt %d of %d failed: %s", self.delivery_attempts,
+                        self.settings.socket_retries + 1, result.detail)
+        self.state.update(last_delivery={"time": int(time.time()), "outcome": result.outcome,
+                                         "detail": result.detail, "token": fp})
+        self.notify_status()
+        return result
+
+    def bot_socket_identity(self) -> Optional[Tuple[int, int]]:
+        try:
+            st = os.lstat(self.settings.socket_path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    # -- status ----------------------------------------------------------------
+
+    def notify_status(self) -> None:
+        last = self.state.data.get("last_refresh", {})
+        delivery = self.state.data.get("last_delivery", {})
+        wall_next = time.time() + (self.next_refresh - time.monotonic())
+        parts = [f"refresh {last.get('outcome', 'none yet')}",
+                 f"delivery {delivery.get('outcome', 'none yet')}",
+                 "refreshes stopped: new login needed" if self.rejected
+                 else f"next refresh {dt.datetime.fromtimestamp(wall_next):%H:%M:%S}"]
+        self.notifier.send("STATUS=" + "; ".join(parts))
+
+    def record_refresh(self, outcome: str) -> None:
+        assert self.token is not None
+        expiry = self.refresh_token_expiry(self.token)
+        wall_next = time.time() + (self.next_refresh - time.monotonic())
+        self.state.update(
+            last_refresh={"time": int(time.time()), "outcome": outcome},
+            consecutive_failures=self.failures,
+            access_token_expires_at=self.token.expires_at,
+            refresh_token_expires_at=int(expiry) if expiry else None,
+            next_refresh_at=None if self.rejected else int(wall_next),
+            refreshes_stopped=self.rejected,
+        )
+        self.notify_status()
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+class Daemon:
+    """The long-running loop: every wake-up handles signals, paths, refresh and delivery."""
+
+    def __init__(self, sender: Sender, loop: EventLoop) -> None:
+        self.sender = sender
+        self.loop = loop
+        self.next_watchdog: Optional[float] = None
+        self.reload_settings: Optional[Callable[[], None]] = None
+
+    def run(self) -> int:
+        s = self.sender
+        token = s.load()
+        s.notifier.send("READY=1", f"STATUS=started; access token valid until "
+                                   f"{dt.datetime.fromtimestamp(token.expires_at):%H:%M:%S}")
+        interval = s.notifier.watchdog_interval
+        if interval:
+            self.next_watchdog = time.monotonic() + interval
+        s.schedule_from(token)
+        margin = min(s.settings.refresh_margin_seconds, token.lifetime / 2)
+        if token.valid_for(time.time()) > margin:
+            log.info("access token %s on disk is valid until %s; next refresh in %s",
+                     fingerprint(token.access_token), when(token.expires_at),
+                     duration(s.next_refresh - time.monotonic()))
+            self.deliver("start-up")
+        else:
+            s.next_refresh = time.monotonic()
+        s.bot_inode = s.bot_socket_identity()
+        try:
+            while not s.signals.stop:
+                self.step()
+        except StopRequested:
+            pass
+        s.notifier.send("STOPPING=1")
+        log.info("stopping on signal")
+        return EXIT_OK
+
+    def step(self) -> None:
+        """Act on whatever is due, then sleep until the next thing is."""
+        s = self.sender
+        self.handle_signals()
+        now = time.monotonic()
+        if not s.rejected and now >= s.next_refresh:
+            self.refresh(force=False)
+        if s.next_delivery is not None and time.monotonic() >= s.next_delivery:
+            s.next_delivery = None
+            self.deliver("retry")
+        self.ping_watchdog()
+        if s.signals.stop:
+            return
+        changed = self.loop.wait(self.sleep_for())
+        self.handle_changes(changed)
+
+    def sleep_for(self) -> float:
+        s = self.sender
+        now = time.monotonic()
+        deadlines = [now + 86400.0]
+        if not s.rejected:
+            deadlines.append(s.next_refresh)
+        if s.next_delivery is not None:
+            deadlines.append(s.next_delivery)
+        if self.next_watchdog is not None:
+            deadlines.append(self.next_watchdog)
+        if s.rejected and s.token is not None:
+            # wake when the access token the bot may still need has expired, to say so once
+            deadlines.append(now + max(0.0, s.token.valid_for(time.time())) + 1)
+        return max(0.0, min(deadlines) - now)
+
+    def ping_watchdog(self) -> None:
+        interval = self.sender.notifier.watchdog_interval
+        if interval and self.next_watchdog is not None and time.monotonic() >= self.next_watchdog:
+            self.sender.notifier.send("WATCHDOG=1")
+            self.next_watchdog = time.monotonic() + interval
+
+    def handle_signals(self) -> None:
+        s = self.sender
+        if s.signals.reload:
+            s.signals.reload = False
+            log.info("SIGHUP: reloading settings and re-reading both files")
+            if self.reload_settings is not None:
+                self.reload_settings()
+            self.resume_or_adopt("SIGHUP")
+        if s.signals.refresh_now:
+            s.signals.refresh_now = False
+            log.info("SIGUSR1: refreshing now")
+            if s.rejected:
+                self.resume_or_adopt("SIGUSR1")
+                s.rejected = False
+            self.refresh(force=True)
+
+    def resume_or_adopt(self, why: str) -> None:
+        s = self.sender
+        try:
+            on_disk = s.store.read()
+        except SenderError as exc:
+            log.error("%s", exc)
+            return
+        if not s.adopt_if_newer(on_disk, why) and s.rejected:
+            log.info("%s: retrying the refresh token once more", why)
+            s.rejected = False
+        if s.token is not None:
+            s.schedule_from(s.token)
+            if s.delivered != fingerprint(s.token.access_token):
+                self.deliver(why)
+
+    def handle_changes(self, changed: Set[Path]) -> None:
+        s = self.sender
+        if s.store.path in changed and s.store.signature() != s.file_signature:
+            s.file_signature = s.store.signature()
+            try:
+                on_disk = parse_token_document(s.store.read_bytes(), s.store.path)
+            except SenderError as exc:
+                log.debug("token file changed but is not readable yet: %s", exc)
+                on_disk = None
+            if on_disk is not None and s.adopt_if_newer(on_disk, why="file changed"):
+                s.schedule_from(on_disk)
+                self.deliver("token file changed")
+        if s.settings.socket_path in changed:
+            identity = s.bot_socket_identity()
+            if identity is not None and identity != s.bot_inode:
+                s.bot_inode = identity
+                s.delivery_attempts = 0
+                self.deliver("bot socket appeared")
+            elif identity is None:
+                s.bot_inode = None
+
+    def refresh(self, force: bool) -> None:
+        s = self.sender
+        try:
+            token = s.refresh(force=force)
+        except RefreshRejected as exc:
+            s.rejected = True
+            s.failures += 1
+            log.error("%s; refreshes stop until the token file changes or on SIGHUP/SIGUSR1",
+                      exc)
+            s.record_refresh("rejected: new login needed")
+            return
+        except TransientRefreshError as exc:
+            s.failures += 1
+            delay = backoff_delay(s.failures, s.settings, exc.retry_after, s.rng)
+            s.next_refresh = time.monotonic() + delay
+            log.warning("refresh attempt %d failed: %s; retrying in %.1fs",
+                        s.failures, exc, delay)
+            s.record_refresh(f"failed: {exc}")
+            return
+        except WriteFailed as exc:
+            log.error("%s; the new token is kept in memory and delivered to the bot", exc)
+            token = s.token  # type: ignore[assignment]
+            s.failures = 0
+        except SenderError as exc:
+            s.failures += 1
+            delay = backoff_delay(s.failures, s.settings, None, s.rng)
+            s.next_refresh = time.monotonic() + delay
+            log.error("refresh failed: %s; retrying in %.1fs", exc, delay)
+            return
+        else:
+            s.failures = 0
+        assert token is not None
+        s.schedule_from(token)
+        s.report_refresh_token_age(at_refresh=True)
+        s.record_refresh("ok")
+        if s.delivered != fingerprint(token.access_token):
+            s.delivery_attempts = 0
+            self.deliver("refresh")
+
+    def deliver(self, reason: str) -> None:
+        s = self.sender
+        result = s.deliver(reason)
+        if result.outcome == Delivery.RETRY and s.delivery_attempts <= s.settings.socket_retries:
+            s.next_delivery = time.monotonic() + s.settings.socket_retry_delay_seconds
+        else:
+            s.next_delivery = None
+
+
+def run_once(sender: Sender, force: bool) -> int:
+    """One cycle for cron or a timer: refresh if due (or forced), write, deliver."""
+    s = sender
+    token = s.load()
+    write_failed = False
+    margin = min(s.settings.refresh_margin_seconds, token.lifetime / 2)
+    if force or token.valid_for(time.time()) <= margin:
+        for attempt in range(1, ONCE_REFRESH_ATTEMPTS + 1):
+            try:
+                token = s.refresh(force=force)
+                s.failures = 0
+                break
+            except WriteFailed as exc:
+                log.error("%s; delivering the new token anyway", exc)
+                write_failed = True
+                break
+            except TransientRefreshError as exc:
+                s.failures = attempt
+                if attempt == ONCE_REFRESH_ATTEMPTS:
+                    log.error("refresh failed after %d attempts: %s", attempt, exc)
+                    s.state.update(last_refresh={"time": int(time.time()),
+                                                 "outcome": f"failed: {exc}"})
+                    return EXIT_TEMPFAIL
+                delay = backoff_delay(attempt, s.settings, exc.retry_after, s.rng)
+                log.warning("refresh attempt %d failed: %s; retrying in %.1fs",
+                            attempt, exc, delay)
+                if _interruptible_sleep(s.signals, delay):
+                    return EXIT_OK
+        s.schedule_from(s.token or token)
+        s.record_refresh("ok")
+    else:
+        log.info("access token %s is valid until %s: no refresh due",
+                 fingerprint(token.access_token), when(token.expires_at))
+    s.report_refresh_token_age(at_refresh=True)
+    result = s.deliver("--once")
+    while result.outcome == Delivery.RETRY and s.delivery_attempts <= s.settings.socket_retries:
+        if _interruptible_sleep(s.signals, s.settings.socket_retry_delay_seconds):
+            return EXIT_OK
+        result = s.deliver("--once retry")
+    if write_failed:
+        return EXIT_CANTCREAT
+    if result.outcome in (Delivery.DELIVERED, Delivery.ABSENT):
+        return EXIT_OK
+    if result.outcome == Delivery.RETRY:
+        return EXIT_TEMPFAIL
+    return EXIT_UNAVAILABLE
+
+
+def _interruptible_sleep(signals: Signals, seconds: float) -> bool:
+    """Sleep unless a stop signal arrives; True means stop."""
+    deadline = time.monotonic() + seconds
+    while not signals.stop:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        with contextlib.suppress(InterruptedError):
+            select.select([signals.fileno()], [], [], remaining)
+        signals.drain()
+    return True
+
+
+# ----------------------------------------------------------------- --check/--status
+
+
+class Report:
+    """Human report for --check: one line per check, the first failure's exit code."""
+
+    def __init__(self) -> None:
+        self.exit_code = EXIT_OK
+        self.lines: List[str] = []
+
+    def ok(self, text: str) -> None:
+        self.lines.append(f"ok    {text}")
+
+    def warn(self, text: str) -> None:
+        self.lines.append(f"warn  {text}")
+
+    def fail(self, text: str, code: int) -> None:
+        self.lines.append(f"FAIL  {text}")
+        if self.exit_code == EXIT_OK:
+            self.exit_code = code
+
+    def print(self) -> None:
+        for line in self.lines:
+            print(REDACTOR.redact(line))
+
+
+def run_check(settings: Settings, app_path: Path, token_path: Path, settings_note: str) -> int:
+    """Validate everything without network or writes (the Ansible role runs this)."""
+    report = Report()
+    report.ok(f"settings: {settings_note}")
+    try:
+        check_secret_permissions(app_path, "app config")
+        load_app_config(app_path)
+        report.ok(f"app config: {app_path}")
+    except SenderError as exc:
+        report.fail(str(exc), exc.exit_code)
+    try:
+        check_secret_permissions(token_path, "token file")
+        token = TokenStore(token_path).read()
+        report.ok(f"token file: {token_path}")
+    except SenderError as exc:
+        report.fail(str(exc), exc.exit_code)
+    else:
+        _check_token(report, settings, token)
+        folder = token_path.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            report.fail(f"token folder {folder} is not writable by this user "
+                        f"({_user_name(os.geteuid())}): the token file cannot be replaced "
+                        "atomically", EXIT_CANTCREAT)
+    _check_socket(report, settings)
+    report.print()
+    return report.exit_code
+
+
+def _check_token(report: Report, settings: Settings, token: Token) -> None:
+    now = time.time()
+    left = token.valid_for(now)
+    if left > 0:
+        report.ok(f"access token {fingerprint(token.access_token)} valid for {duration(left)} "
+                  f"(until {when(token.expires_at)})")
+    else:
+        report.warn(f"access token expired {duration(left)} ago; the sender refreshes it "
+                    "at start")
+    created = token.creation_timestamp
+    if created is None:
+        report.warn("token file has no creation_timestamp: refresh-token age unknown")
+        return
+    expiry = created + settings.refresh_token_lifetime_days * 86400
+    left = expiry - now
+    if left <= 0:
+        report.fail(f"refresh token expired at {when(expiry)}: run {LOGIN_COMMAND}", EXIT_NOPERM)
+    elif left <= settings.refresh_token_warn_hours * 3600:
+        report.warn(f"refresh token expires in {duration(left)} (at {when(expiry)}): "
+                    f"run {LOGIN_COMMAND} before then")
+    else:
+        report.ok(f"refresh token valid for {duration(left)} (until {when(expiry)})")
+
+
+def _check_socket(report: Report, settings: Settings) -> None:
+    client = BotClient(settings)
+    found = client.inspect()
+    if found.outcome == Delivery.ABSENT:
+        report.warn(f"bot socket {settings.socket_path} absent: the bot is not running "
+                    "(tokens are delivered when it starts)")
+        return
+    if found.outcome == Delivery.REFUSED:
+        report.fail(f"security: {found.detail}", EXIT_UNAVAILABLE)
+        return
+    # Connect and close without sending: the bot reads nothing and answers nothing.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(settings.socket_timeout_seconds)
+        try:
+            sock.connect(str(settings.socket_path))
+        except OSError as exc:
+            report.warn(f"bot socket {settings.socket_path}: {_network_reason(exc)} "
+                        "(stale socket? the bot may be down)")
+            return
+        uid = _peer_uid(sock)
+    if uid in client.allowed_uids:
+        report.ok(f"bot socket {settings.socket_path}: listener uid {uid} ({_user_name(uid)})")
+    else:
+        report.fail(f"security: the listener on {settings.socket_path} runs as uid {uid} "
+                    f"({_user_name(uid)}), not in allowed_peer_users", EXIT_UNAVAILABLE)
+
+
+def run_status(settings: Settings, token_path: Path) -> int:
+    """Read-only summary from the token file and the state file."""
+    token = TokenStore(token_path).read()
+    now = time.time()
+    left = token.valid_for(now)
+    print(f"token file      {token_path}")
+    fp = fingerprint(token.access_token)
+    if left > 0:
+        print(f"access token    {fp} valid, expires {when(token.expires_at)} "
+              f"(in {duration(left)})")
+    else:
+        print(f"access token    {fp} EXPIRED at {when(token.expires_at)} ({duration(left)} ago)")
+    created = token.creation_timestamp
+    if created is None:
+        print("refresh token   age unknown (no creation_timestamp)")
+    else:
+        expiry = created + settings.refresh_token_lifetime_days * 86400
+        rleft = expiry - now
+        print(f"refresh token   obtained {when(created)} ({duration(now - created)} ago), "
+              f"expires {when(expiry)} "
+              f"({'in ' + duration(rleft) if rleft > 0 else 'EXPIRED: run ' + LOGIN_COMMAND})")
+    data = StateFile.load(settings.state_file)
+    for key, label in (("last_refresh", "last refresh"), ("last_delivery", "last delivery")):
+        entry = data.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("time"), (int, float)):
+            print(f"{label:<15} {when(entry['time'])}: {printable(str(entry.get('outcome')))}")
+        else:
+            print(f"{label:<15} none recorded in {settings.state_file}")
+    if data.get("consecutive_failures"):
+        print(f"failures        {data['consecutive_failures']} in a row")
+    found = BotClient(settings).inspect()
+    sock_state = "present" if found.outcome == Delivery.DELIVERED else found.detail
+    print(f"bot socket      {settings.socket_path}: {sock_state}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------- logging
+
+
+class JournalFormatter(logging.Formatter):
+    """stderr under systemd: '<N>message', so journald keeps each line once with its priority."""
+
+    PRIORITY: ClassVar[Dict[int, int]] = {
+        logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{record.getMessage()}"
+
+
+LOG_FORMAT = logging.Formatter("[%(asctime)s] %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def stderr_is_journal(environ: Mapping[str, str]) -> bool:
+    stream = environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def setup_console_logging(environ: Mapping[str, str]) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter() if stderr_is_journal(environ) else LOG_FORMAT)
+    handler.addFilter(REDACTOR)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def setup_file_logging(path: Path, level: str) -> None:
+    log.setLevel(level)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # WatchedFileHandler reopens the file after logrotate moves it away.
+        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        with contextlib.suppress(OSError):
+            path.chmod(0o640)
+    except OSError as exc:
+        raise WriteFailed(f"cannot open log file {path}: {_reason(exc)} "
+                          "(fix its folder's permissions, or use --log-file -)") from None
+    handler.setFormatter(LOG_FORMAT)
+    handler.addFilter(REDACTOR)
+    log.addHandler(handler)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="token_refresh_sender.py",
+        description="Refresh Schwab OAuth access tokens before they expire and push them to "
+                    "the trading bot over its Unix socket.",
+        epilog="Exit codes: 0 ok, 64 usage, 65 malformed file, 66 missing file, 69 bot "
+               "refused or untrusted socket, 73 cannot write, 75 endpoint unavailable, "
+               "77 new login needed, 78 bad settings or permissions. See README.md.")
+    paths = parser.add_argument_group("files")
+    paths.add_argument("--app-config", type=Path, metavar="PATH",
+                       help=f"app key and secret (default: {DEFAULT_APP_CONFIG})")
+    paths.add_argument("--token-file", type=Path, metavar="PATH",
+                       help=f"schwab-py token file (default: {DEFAULT_TOKEN_FILE})")
+    paths.add_argument("--config", type=Path, metavar="PATH",
+                       help=f"settings file (default: {DEFAULT_SETTINGS_FILE}, if present)")
+    paths.add_argument("--log-file", metavar="PATH",
+                       help=f"log file, '-' for none (default: {DEFAULT_LOG_FILE})")
+    paths.add_argument("--state-file", metavar="PATH",
+                       help=f"status file read by --status (default: {DEFAULT_STATE_FILE})")
+    net = parser.add_argument_group("peers")
+    net.add_argument("--socket", metavar="PATH",
+                     help=f"the bot's Unix socket (default: {DEFAULT_SOCKET})")
+    net.add_argument("--token-url", metavar="URL",
+                     help=f"token endpoint (default: {DEFAULT_TOKEN_URL})")
+    parser.add_argument("--log-level", metavar="LEVEL", type=str.upper, choices=LOG_LEVELS,
+                        help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--once", action="store_true",
+                       help="one cycle (refresh if due, write, deliver), then exit")
+    modes.add_argument("--check", action="store_true",
+                       help="validate settings, files, permissions and the socket; no network")
+    modes.add_argument("--check-config", action="store_true",
+                       help="validate only the settings file given by --config")
+    modes.add_argument("--status", action="store_true",
+                       help="print token expiry, last refresh and delivery; read-only")
+    modes.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
+    parser.add_argument("--force", action="store_true",
+                        help="with --once: refresh even if the access token is still valid")
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> Tuple[Settings, str]:
+    settings_path = args.config or DEFAULT_SETTINGS_FILE
+    explicit = args.config is not None
+    overrides = {"token_url": args.token_url, "socket_path": args.socket,
+                 "log_file": args.log_file, "log_level": args.log_level,
+                 "state_file": args.state_file}
+    settings = load_settings(settings_path, explicit, overrides)
+    used = explicit or settings_path.exists()
+    note = str(settings_path) if used else "defaults (no settings file)"
+    return settings, note
+
+
+def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    if args.force and not args.once:
+        build_parser().error("--force only makes sense with --once")
+    console = setup_console_logging(environ)
+    try:
+        return _run(args, environ)
+    except SenderError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    finally:
+        console.flush()
+
+
+def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    settings, note = resolve_settings(args)
+    if args.check_config:
+        print(f"ok    settings: {note}")
+        return EXIT_OK
+    app_path = (args.app_config or DEFAULT_APP_CONFIG).absolute()
+    token_path = (args.token_file or DEFAULT_TOKEN_FILE).absolute()
+    log.setLevel(settings.log_level)
+    if args.check:
+        return run_check(settings, app_path, token_path, note)
+    if args.status:
+        return run_status(settings, token_path)
+    if settings.log_file is not None:
+        setup_file_logging(settings.log_file, settings.log_level)
+    check_secret_permissions(app_path, "app config")
+    check_secret_permissions(token_path, "token file")
+    app = load_app_config(app_path)
+    signals = Signals()
+    signals.install()
+    sender = Sender(settings, app, TokenStore(token_path), signals, Notifier(environ),
+                    StateFile(settings.state_file))
+    sender.app_config_hint = str(app_path)
+    if args.once:
+        return run_once(sender, args.force)
+    log.info("%s %s starting: token file %s, bot socket %s, endpoint %s", PROG, VERSION,
+             token_path, settings.socket_path, settings.token_url)
+    watcher = PathWatcher([settings.socket_path, token_path])
+    daemon = Daemon(sender, EventLoop(signals, watcher))
+    daemon.reload_settings = lambda: _reload(sender, args)
+    try:
+        return daemon.run()
+    finally:
+        watcher.close()
+
+
+def _reload(sender: Sender, args: argparse.Namespace) -> None:
+    """SIGHUP: new settings and app config, or keep the old ones with an ERROR."""
+    try:
+        settings, _note = resolve_settings(args)
+        app = load_app_config((args.app_config or DEFAULT_APP_CONFIG).absolute())
+    except SenderError as exc:
+        log.error("reload failed, keeping the previous settings: %s", exc)
+        return
+    if settings.socket_path != sender.settings.socket_path:
+        log.warning("socket_path changes take effect at the next restart")
+        settings.socket_path = sender.settings.socket_path
+    sender.settings, sender.app = settings, app
+    sender.oauth = OAuthClient(settings, app)
+    sender.bot = BotClient(settings)
+    log.setLevel(settings.log_level)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
