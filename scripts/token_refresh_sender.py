@@ -1332,12 +1332,24 @@ class StateFile:
 # ------------------------------------------------------------------------- the daemon
 
 
+class Clock:
+    """Wall time for expiry (Schwab's clock), monotonic time for waiting: injected for tests."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
 class Sender:
     """Refresh on schedule, persist safely, deliver at once; one cycle or forever."""
 
     def __init__(self, settings: Settings, app: AppConfig, store: TokenStore,
                  signals: Signals, notifier: Notifier, state: StateFile,
-                 rng: Callable[[float, float], float] = random.uniform) -> None:
+                 rng: Callable[[float, float], float] = random.uniform,
+                 clock: Optional[Clock] = None) -> None:
+        self.clock = clock or Clock()
         self.settings = settings
         self.app = app
         self.store = store
@@ -1374,7 +1386,6 @@ class Sender:
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted write", removed)
         self.token = token
-        self.report_refresh_token_age(at_refresh=False)
         return token
 
     @property
@@ -1394,7 +1405,7 @@ class Sender:
         return min(by_expiry, by_interval)
 
     def schedule_from(self, token: Token) -> None:
-        self.next_refresh = self.refresh_due_at(token, time.time(), time.monotonic())
+        self.next_refresh = self.refresh_due_at(token, self.clock.time(), self.clock.monotonic())
 
     # -- refreshing ------------------------------------------------------------
 
@@ -1414,9 +1425,9 @@ class Sender:
             current = on_disk
             with self.signals.network_call():
                 answer = self.oauth.refresh(current.refresh_token)
-            now = time.time()
+            now = self.clock.time()
             fresh = merge_refresh(current, answer, now)
-            self.last_refresh_mono = time.monotonic()
+            self.last_refresh_mono = self.clock.monotonic()
             self.token = fresh
             rotated = fresh.refresh_token != current.refresh_token
             log.info("refreshed access token %s, valid until %s%s",
@@ -1472,7 +1483,7 @@ class Sender:
         expiry = self.refresh_token_expiry(self.token)
         if expiry is None:
             return
-        left = expiry - time.time()
+        left = expiry - self.clock.time()
         login = f"run {LOGIN_COMMAND} --app-config {self.app_config_hint}"
         if left <= 0:
             if not self.expired_reported:
@@ -1482,7 +1493,7 @@ class Sender:
             return
         if left > self.settings.refresh_token_warn_hours * 3600:
             return
-        now = time.monotonic()
+        now = self.clock.monotonic()
         due = (self.last_age_warning is None
                or now - self.last_age_warning >= WARN_REPEAT_SECONDS
                or (at_refresh and left <= WARN_EVERY_REFRESH_SECONDS))
@@ -1497,7 +1508,7 @@ class Sender:
         """One attempt to hand the current token to the bot; logs the outcome."""
         assert self.token is not None
         token = self.token
-        if token.valid_for(time.time()) <= 0:
+        if token.valid_for(self.clock.time()) <= 0:
             result = DeliveryResult(Delivery.REJECTED, "the access token has expired; not sent")
             log.warning("not delivering to the bot (%s): %s", reason, result.detail)
             return result
@@ -1523,7 +1534,7 @@ class Sender:
         else:
             log.warning("delivery attempt %d of %d failed: %s", self.delivery_attempts,
                         self.settings.socket_retries + 1, result.detail)
-        self.state.update(last_delivery={"time": int(time.time()), "outcome": result.outcome,
+        self.state.update(last_delivery={"time": int(self.clock.time()), "outcome": result.outcome,
                                          "detail": result.detail, "token": fp})
         self.notify_status()
         return result
@@ -1540,7 +1551,7 @@ class Sender:
     def notify_status(self) -> None:
         last = self.state.data.get("last_refresh", {})
         delivery = self.state.data.get("last_delivery", {})
-        wall_next = time.time() + (self.next_refresh - time.monotonic())
+        wall_next = self.clock.time() + (self.next_refresh - self.clock.monotonic())
         parts = [f"refresh {last.get('outcome', 'none yet')}",
                  f"delivery {delivery.get('outcome', 'none yet')}",
                  "refreshes stopped: new login needed" if self.rejected
@@ -1550,9 +1561,9 @@ class Sender:
     def record_refresh(self, outcome: str) -> None:
         assert self.token is not None
         expiry = self.refresh_token_expiry(self.token)
-        wall_next = time.time() + (self.next_refresh - time.monotonic())
+        wall_next = self.clock.time() + (self.next_refresh - self.clock.monotonic())
         self.state.update(
-            last_refresh={"time": int(time.time()), "outcome": outcome},
+            last_refresh={"time": int(self.clock.time()), "outcome": outcome},
             consecutive_failures=self.failures,
             access_token_expires_at=self.token.expires_at,
             refresh_token_expires_at=int(expiry) if expiry else None,
@@ -1581,16 +1592,17 @@ class Daemon:
                                    f"{dt.datetime.fromtimestamp(token.expires_at):%H:%M:%S}")
         interval = s.notifier.watchdog_interval
         if interval:
-            self.next_watchdog = time.monotonic() + interval
+            self.next_watchdog = self.sender.clock.monotonic() + interval
         s.schedule_from(token)
         margin = min(s.settings.refresh_margin_seconds, token.lifetime / 2)
-        if token.valid_for(time.time()) > margin:
+        if token.valid_for(self.sender.clock.time()) > margin:
             log.info("access token %s on disk is valid until %s; next refresh in %s",
                      fingerprint(token.access_token), when(token.expires_at),
-                     duration(s.next_refresh - time.monotonic()))
+                     duration(s.next_refresh - self.sender.clock.monotonic()))
+            s.report_refresh_token_age(at_refresh=False)
             self.deliver("start-up")
         else:
-            s.next_refresh = time.monotonic()
+            s.next_refresh = self.sender.clock.monotonic()
         s.bot_inode = s.bot_socket_identity()
         try:
             while not s.signals.stop:
@@ -1605,10 +1617,10 @@ class Daemon:
         """Act on whatever is due, then sleep until the next thing is."""
         s = self.sender
         self.handle_signals()
-        now = time.monotonic()
+        now = self.sender.clock.monotonic()
         if not s.rejected and now >= s.next_refresh:
             self.refresh(force=False)
-        if s.next_delivery is not None and time.monotonic() >= s.next_delivery:
+        if s.next_delivery is not None and self.sender.clock.monotonic() >= s.next_delivery:
             s.next_delivery = None
             self.deliver("retry")
         self.ping_watchdog()
@@ -1619,7 +1631,7 @@ class Daemon:
 
     def sleep_for(self) -> float:
         s = self.sender
-        now = time.monotonic()
+        now = self.sender.clock.monotonic()
         deadlines = [now + 86400.0]
         if not s.rejected:
             deadlines.append(s.next_refresh)
@@ -1629,14 +1641,15 @@ class Daemon:
             deadlines.append(self.next_watchdog)
         if s.rejected and s.token is not None:
             # wake when the access token the bot may still need has expired, to say so once
-            deadlines.append(now + max(0.0, s.token.valid_for(time.time())) + 1)
+            deadlines.append(now + max(0.0, s.token.valid_for(self.sender.clock.time())) + 1)
         return max(0.0, min(deadlines) - now)
 
     def ping_watchdog(self) -> None:
         interval = self.sender.notifier.watchdog_interval
-        if interval and self.next_watchdog is not None and time.monotonic() >= self.next_watchdog:
+        now = self.sender.clock.monotonic()
+        if interval and self.next_watchdog is not None and now >= self.next_watchdog:
             self.sender.notifier.send("WATCHDOG=1")
-            self.next_watchdog = time.monotonic() + interval
+            self.next_watchdog = now + interval
 
     def handle_signals(self) -> None:
         s = self.sender
@@ -1704,7 +1717,7 @@ class Daemon:
         except TransientRefreshError as exc:
             s.failures += 1
             delay = backoff_delay(s.failures, s.settings, exc.retry_after, s.rng)
-            s.next_refresh = time.monotonic() + delay
+            s.next_refresh = self.sender.clock.monotonic() + delay
             log.warning("refresh attempt %d failed: %s; retrying in %.1fs",
                         s.failures, exc, delay)
             s.record_refresh(f"failed: {exc}")
@@ -1716,7 +1729,7 @@ class Daemon:
         except SenderError as exc:
             s.failures += 1
             delay = backoff_delay(s.failures, s.settings, None, s.rng)
-            s.next_refresh = time.monotonic() + delay
+            s.next_refresh = self.sender.clock.monotonic() + delay
             log.error("refresh failed: %s; retrying in %.1fs", exc, delay)
             return
         else:
@@ -1733,7 +1746,7 @@ class Daemon:
         s = self.sender
         result = s.deliver(reason)
         if result.outcome == Delivery.RETRY and s.delivery_attempts <= s.settings.socket_retries:
-            s.next_delivery = time.monotonic() + s.settings.socket_retry_delay_seconds
+            s.next_delivery = self.sender.clock.monotonic() + s.settings.socket_retry_delay_seconds
         else:
             s.next_delivery = None
 
@@ -1744,7 +1757,7 @@ def run_once(sender: Sender, force: bool) -> int:
     token = s.load()
     write_failed = False
     margin = min(s.settings.refresh_margin_seconds, token.lifetime / 2)
-    if force or token.valid_for(time.time()) <= margin:
+    if force or token.valid_for(s.clock.time()) <= margin:
         for attempt in range(1, ONCE_REFRESH_ATTEMPTS + 1):
             try:
                 token = s.refresh(force=force)
@@ -1758,7 +1771,7 @@ def run_once(sender: Sender, force: bool) -> int:
                 s.failures = attempt
                 if attempt == ONCE_REFRESH_ATTEMPTS:
                     log.error("refresh failed after %d attempts: %s", attempt, exc)
-                    s.state.update(last_refresh={"time": int(time.time()),
+                    s.state.update(last_refresh={"time": int(s.clock.time()),
                                                  "outcome": f"failed: {exc}"})
                     return EXIT_TEMPFAIL
                 delay = backoff_delay(attempt, s.settings, exc.retry_after, s.rng)
