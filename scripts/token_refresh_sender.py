@@ -1367,6 +1367,7 @@ class Sender:
         self.next_refresh = 0.0  # monotonic
         self.last_refresh_mono: Optional[float] = None
         self.delivered: Optional[str] = None  # fingerprint of the token the bot holds
+        self.attempted: Optional[str] = None  # ... of the last token whose delivery ended
         self.delivery_attempts = 0
         self.next_delivery: Optional[float] = None  # monotonic; retry of a failed delivery
         self.bot_inode: Optional[Tuple[int, int]] = None
@@ -1516,6 +1517,8 @@ class Sender:
             result = self.bot.deliver(token)
         fp = fingerprint(token.access_token)
         self.delivery_attempts += 1
+        if result.final:
+            self.attempted = fp
         if result.outcome == Delivery.DELIVERED:
             self.delivered = fp
             self.delivery_attempts = 0
@@ -1586,6 +1589,18 @@ class Daemon:
         self.reload_settings: Optional[Callable[[], None]] = None
 
     def run(self) -> int:
+        try:
+            self.start()
+            while not self.sender.signals.stop:
+                self.step()
+        except StopRequested:
+            pass
+        self.sender.notifier.send("STOPPING=1")
+        log.info("stopping on signal")
+        return EXIT_OK
+
+    def start(self) -> None:
+        """Load, tell systemd we are ready, and give the bot a token or refresh first."""
         s = self.sender
         token = s.load()
         s.notifier.send("READY=1", f"STATUS=started; access token valid until "
@@ -1604,14 +1619,6 @@ class Daemon:
         else:
             s.next_refresh = self.sender.clock.monotonic()
         s.bot_inode = s.bot_socket_identity()
-        try:
-            while not s.signals.stop:
-                self.step()
-        except StopRequested:
-            pass
-        s.notifier.send("STOPPING=1")
-        log.info("stopping on signal")
-        return EXIT_OK
 
     def step(self) -> None:
         """Act on whatever is due, then sleep until the next thing is."""
@@ -1713,6 +1720,7 @@ class Daemon:
             log.error("%s; refreshes stop until the token file changes or on SIGHUP/SIGUSR1",
                       exc)
             s.record_refresh("rejected: new login needed")
+            self.deliver_if_needed("refresh rejected")
             return
         except TransientRefreshError as exc:
             s.failures += 1
@@ -1721,6 +1729,7 @@ class Daemon:
             log.warning("refresh attempt %d failed: %s; retrying in %.1fs",
                         s.failures, exc, delay)
             s.record_refresh(f"failed: {exc}")
+            self.deliver_if_needed("refresh failed")
             return
         except WriteFailed as exc:
             log.error("%s; the new token is kept in memory and delivered to the bot", exc)
@@ -1731,6 +1740,7 @@ class Daemon:
             delay = backoff_delay(s.failures, s.settings, None, s.rng)
             s.next_refresh = self.sender.clock.monotonic() + delay
             log.error("refresh failed: %s; retrying in %.1fs", exc, delay)
+            self.deliver_if_needed("refresh failed")
             return
         else:
             s.failures = 0
@@ -1741,6 +1751,15 @@ class Daemon:
         if s.delivered != fingerprint(token.access_token):
             s.delivery_attempts = 0
             self.deliver("refresh")
+
+    def deliver_if_needed(self, reason: str) -> None:
+        """Give the bot the token we hold unless it has it or the last try was final."""
+        s = self.sender
+        if s.token is None or s.next_delivery is not None:
+            return
+        fp = fingerprint(s.token.access_token)
+        if fp not in (s.delivered, s.attempted):
+            self.deliver(reason)
 
     def deliver(self, reason: str) -> None:
         s = self.sender
@@ -2080,6 +2099,9 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] 
     except SenderError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    except StopRequested:
+        log.info("stopping on signal")
+        return EXIT_OK
     finally:
         console.flush()
 
