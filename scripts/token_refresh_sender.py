@@ -712,12 +712,16 @@ class TokenStore:
 
     @contextlib.contextmanager
     def locked(self, timeout: float) -> Iterator[None]:
-        """Exclusive flock on the sidecar lock file, so two senders never refresh twice."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise WriteFailed(f"cannot open lock file {self.lock_path}: {_reason(exc)} "
-                              f"(the folder {self.path.parent} must be writable)") from None
+        """Exclusive flock on the sidecar lock file, so two senders never refresh twice.
+
+        When the folder cannot be written at all (read-only, full, wrong owner), the lock is
+        taken on a read-only descriptor or skipped: the token file cannot be written either,
+        but the bot must still get the refreshed token.
+        """
+        fd = self._open_lock()
+        if fd is None:
+            yield
+            return
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -734,6 +738,19 @@ class TokenStore:
             yield
         finally:
             os.close(fd)
+
+    def _open_lock(self) -> Optional[int]:
+        try:
+            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            reason = _reason(exc)
+        try:
+            return os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            log.warning("cannot create lock file %s (%s): refreshing without the lock; "
+                        "the folder %s must be writable by this user", self.lock_path, reason,
+                        self.path.parent)
+            return None
 
     def write(self, token: Token) -> None:
         data = (json.dumps(token.document, indent=2) + "\n").encode()
@@ -1084,7 +1101,12 @@ def _read_reply(sock: socket.socket) -> bytes:
         if remaining <= 0:
             raise socket.timeout
         sock.settimeout(remaining)
-        chunk = sock.recv(MAX_BOT_REPLY)
+        try:
+            chunk = sock.recv(MAX_BOT_REPLY)
+        except ConnectionResetError:
+            if reply:  # the bot answered, then closed with our bytes unread: keep the answer
+                break
+            raise
         if not chunk:
             break
         reply += chunk
@@ -1370,7 +1392,7 @@ class Sender:
         self.attempted: Optional[str] = None  # ... of the last token whose delivery ended
         self.delivery_attempts = 0
         self.next_delivery: Optional[float] = None  # monotonic; retry of a failed delivery
-        self.bot_inode: Optional[Tuple[int, int]] = None
+        self.bot_inode: Optional[Tuple[int, int, int]] = None
         self.last_age_warning: Optional[float] = None
         self.expired_reported = False
         self.refused_reported: Optional[str] = None
@@ -1542,12 +1564,13 @@ class Sender:
         self.notify_status()
         return result
 
-    def bot_socket_identity(self) -> Optional[Tuple[int, int]]:
+    def bot_socket_identity(self) -> Optional[Tuple[int, int, int]]:
+        """Which socket is at the path: the inode alone is reused at once after unlink+bind."""
         try:
             st = os.lstat(self.settings.socket_path)
         except OSError:
             return None
-        return (st.st_dev, st.st_ino)
+        return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
     # -- status ----------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,4 +416,4 @@ def test_state_file_records_outcomes_and_no_secret(
     text = json.dumps(state)
     for value in schwab.secret_values() | {REFRESH_TOKEN}:
         assert value not in text
-    assert os.stat(bundle.state_file).st_mode & 0o002 == 0
+    assert bundle.state_file.stat().st_mode & 0o002 == 0
