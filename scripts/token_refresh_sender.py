@@ -158,6 +158,18 @@ class RefreshRejected(SenderError):
     exit_code = EXIT_NOPERM
 
 
+class LoginRejected(SenderError):
+    """Schwab refused the authorization code (expired, reused, wrong redirect or client)."""
+
+    exit_code = EXIT_NOPERM
+
+
+class BadRedirect(SenderError):
+    """The URL pasted after the login is not the callback of this app."""
+
+    exit_code = EXIT_DATAERR
+
+
 class TransientRefreshError(SenderError):
     """The endpoint failed in a way that retrying may fix."""
 
@@ -237,6 +249,20 @@ def duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m {secs}s"
     return f"{secs}s"
+
+
+def login_command(app_path: Path, token_path: Path, settings_path: Optional[Path]) -> str:
+    """The exact command that performs the weekly login for the files in use."""
+    import shlex
+
+    words = [str(BUNDLE_ROOT / "scripts" / "run_token_sender.sh"), "--login"]
+    if app_path != DEFAULT_APP_CONFIG:
+        words += ["--app-config", str(app_path)]
+    if token_path != DEFAULT_TOKEN_FILE:
+        words += ["--token-file", str(token_path)]
+    if settings_path is not None:
+        words += ["--config", str(settings_path.absolute())]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 # ------------------------------------------------------------------------ settings
@@ -646,7 +672,10 @@ class AtomicFile:
             mode = stat.S_IMODE(old.st_mode) & 0o660 | 0o600
             owner = (old.st_uid, old.st_gid)
         except FileNotFoundError:
-            pass
+            # A first file created by root (e.g. --login) belongs to whoever owns the folder:
+            # the service user must be able to rewrite it.
+            folder_stat = folder.stat()
+            owner = (folder_stat.st_uid, folder_stat.st_gid)
         temp = folder / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
@@ -791,6 +820,21 @@ class OAuthClient:
     def refresh(self, refresh_token: str) -> Dict[str, Any]:
         return self._token_request({"grant_type": "refresh_token",
                                     "refresh_token": refresh_token})
+
+    def exchange_code(self, code: str, redirect_uri: str) -> Dict[str, Any]:
+        """The authorization-code grant of the interactive login."""
+        try:
+            answer = self._token_request({"grant_type": "authorization_code", "code": code,
+                                          "redirect_uri": redirect_uri})
+        except RefreshRejected as exc:
+            detail = str(exc).split(": ", 1)[-1]
+            raise LoginRejected(f"Schwab rejected the login: {detail}; authorization codes "
+                                "are single-use and expire within minutes: log in again"
+                                ) from None
+        if not answer.get("refresh_token"):
+            raise TransientRefreshError("token endpoint answered the login without a "
+                                        "refresh_token")
+        return answer
 
     def _token_request(self, form: Dict[str, str]) -> Dict[str, Any]:
         body = urllib.parse.urlencode(form).encode()
@@ -956,8 +1000,7 @@ def classify_answer(status: int, headers: Any, data: bytes) -> Dict[str, Any]:
     if status in (400, 401) and (error in REJECTION_ERRORS or "refresh" in description.lower()
                                  or "refresh_token" in error):
         raise RefreshRejected(
-            f"Schwab rejected the refresh token: HTTP {status}{oauth}; a new login is "
-            f"needed: run {LOGIN_COMMAND}"
+            f"Schwab rejected the refresh token: HTTP {status}{oauth}"
         )
     kind = "not JSON" if parsed is None else "JSON"
     if status == 429:
@@ -1396,7 +1439,7 @@ class Sender:
         self.last_age_warning: Optional[float] = None
         self.expired_reported = False
         self.refused_reported: Optional[str] = None
-        self.app_config_hint = ""
+        self.login_command = LOGIN_COMMAND
 
     # -- loading ---------------------------------------------------------------
 
@@ -1507,7 +1550,7 @@ class Sender:
         if expiry is None:
             return
         left = expiry - self.clock.time()
-        login = f"run {LOGIN_COMMAND} --app-config {self.app_config_hint}"
+        login = f"run {self.login_command}"
         if left <= 0:
             if not self.expired_reported:
                 log.error("the refresh token expired at %s (%s ago); a new login is needed: %s",
@@ -1740,8 +1783,8 @@ class Daemon:
         except RefreshRejected as exc:
             s.rejected = True
             s.failures += 1
-            log.error("%s; refreshes stop until the token file changes or on SIGHUP/SIGUSR1",
-                      exc)
+            log.error("%s; a new login is needed: run %s; refreshes stop until the token file "
+                      "changes or on SIGHUP/SIGUSR1", exc, s.login_command)
             s.record_refresh("rejected: new login needed")
             self.deliver_if_needed("refresh rejected")
             return
@@ -1809,6 +1852,11 @@ def run_once(sender: Sender, force: bool) -> int:
                 log.error("%s; delivering the new token anyway", exc)
                 write_failed = True
                 break
+            except RefreshRejected as exc:
+                log.error("%s; a new login is needed: run %s", exc, s.login_command)
+                s.state.update(last_refresh={"time": int(s.clock.time()),
+                                             "outcome": "rejected: new login needed"})
+                return EXIT_NOPERM
             except TransientRefreshError as exc:
                 s.failures = attempt
                 if attempt == ONCE_REFRESH_ATTEMPTS:
@@ -1854,6 +1902,136 @@ def _interruptible_sleep(signals: Signals, seconds: float) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- --login
+
+
+def authorize_url(token_url: str, app_key: str, callback_url: str, state: str) -> str:
+    """Schwab's authorization page lives next to its token endpoint."""
+    parts = urllib.parse.urlsplit(token_url)
+    path = parts.path.rsplit("/", 1)[0] + "/authorize"
+    query = urllib.parse.urlencode({"client_id": app_key, "redirect_uri": callback_url,
+                                    "state": state})
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
+def _query_params(query: str) -> Dict[str, str]:
+    """Decode %XX but not '+': an authorization code may contain a literal plus."""
+    params: Dict[str, str] = {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name:
+            params.setdefault(urllib.parse.unquote(name), urllib.parse.unquote(value))
+    return params
+
+
+def code_from_redirect(pasted: str, callback_url: str, state: str) -> str:
+    """Check the URL the browser landed on and return the authorization code in it."""
+    pasted = pasted.strip()
+    got = urllib.parse.urlsplit(pasted)
+    want = urllib.parse.urlsplit(callback_url)
+    try:
+        got_port, want_port = got.port, want.port
+    except ValueError:
+        raise BadRedirect("the pasted text is not a URL with a valid port") from None
+    if not got.scheme or not got.netloc:
+        raise BadRedirect("the pasted text is not a URL: paste the whole address the browser "
+                          f"shows after the login (it starts with {callback_url})")
+    same = (got.scheme.lower() == want.scheme.lower()
+            and (got.hostname or "") == (want.hostname or "")
+            and (got_port or _default_port(got.scheme)) == (want_port or _default_port(
+                want.scheme))
+            and (got.path or "/") == (want.path or "/"))
+    if not same:
+        raise BadRedirect(f"the pasted URL does not go to this app's callback_url "
+                          f"({callback_url}): paste the address of the page Schwab sent the "
+                          "browser to")
+    params = _query_params(got.query)
+    if "error" in params:
+        raise BadRedirect(f"Schwab did not grant access: error={printable(params['error'], 60)}"
+                          f" {printable(params.get('error_description', ''), 120)}".rstrip())
+    if "state" in params and params["state"] != state:
+        raise BadRedirect("the pasted URL belongs to another login attempt (state does not "
+                          "match): open the URL printed above and paste the result")
+    code = params.get("code", "")
+    if not code:
+        raise BadRedirect("the pasted URL has no code parameter: paste the full address, "
+                          "including everything after '?'")
+    return code
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme.lower() == "https" else 80
+
+
+def new_login_document(existing: Optional[Token], answer: Dict[str, Any], now: float) -> Token:
+    """The token file after a login: a new creation_timestamp (the only place it changes)."""
+    doc: Dict[str, Any] = copy.deepcopy(existing.document) if existing else {"token": {}}
+    doc["creation_timestamp"] = int(now)
+    body = doc["token"]
+    for key in ("access_token", "refresh_token", "id_token", "token_type", "scope"):
+        if key in answer:
+            body[key] = answer[key]
+    body["expires_in"] = int(answer["expires_in"])
+    body["expires_at"] = int(now + int(answer["expires_in"]))
+    return Token(doc)
+
+
+def read_redirect(redirect_url: Optional[str]) -> str:
+    if redirect_url is not None:
+        return redirect_url
+    if sys.stdin is None:
+        raise BadRedirect("no --redirect-url given and no standard input to read it from")
+    if sys.stdin.isatty():
+        import getpass
+
+        # Not echoed: the URL carries the authorization code.
+        return getpass.getpass("Paste the full URL the browser was redirected to: ")
+    return sys.stdin.readline()
+
+
+def run_login(sender: Sender, redirect_url: Optional[str]) -> int:
+    """The weekly interactive login: authorize, exchange the code, write, deliver."""
+    s = sender
+    callback = s.app.callback_url
+    if not callback:
+        raise MalformedFile("app config: callback_url: missing; --login needs the callback "
+                            "URL registered for the app (e.g. https://127.0.0.1:8182)")
+    state = secrets.token_urlsafe(16)
+    url = authorize_url(s.settings.token_url, s.app.app_key, callback, state)
+    print("1. Open this URL in a browser and log in to Schwab:\n\n"
+          f"   {url}\n\n2. The browser then shows an error page or nothing at "
+          f"{callback}: that is expected. Copy the whole address from its address bar.",
+          file=sys.stderr, flush=True)
+    code = code_from_redirect(read_redirect(redirect_url), callback, state)
+    REDACTOR.add(code)
+    with s.signals.network_call():
+        answer = s.oauth.exchange_code(code, callback)
+    now = s.clock.time()
+    with s.store.locked(s.lock_timeout):
+        try:
+            existing: Optional[Token] = s.store.read(attempts=1)
+        except MissingFile:
+            existing = None
+        except MalformedFile as exc:
+            log.warning("%s; replacing it with the new login", exc)
+            existing = None
+        token = new_login_document(existing, answer, now)
+        s.store.write(token)
+    s.token = token
+    expiry = s.refresh_token_expiry(token) or 0
+    log.info("logged in: access token %s valid until %s; refresh token %s valid until %s",
+             fingerprint(token.access_token), when(token.expires_at),
+             fingerprint(token.refresh_token), when(expiry))
+    result = s.deliver("login")
+    while result.outcome == Delivery.RETRY and s.delivery_attempts <= s.settings.socket_retries:
+        if _interruptible_sleep(s.signals, s.settings.socket_retry_delay_seconds):
+            return EXIT_OK
+        result = s.deliver("login retry")
+    if result.outcome in (Delivery.DELIVERED, Delivery.ABSENT):
+        return EXIT_OK
+    return EXIT_UNAVAILABLE if result.outcome != Delivery.RETRY else EXIT_TEMPFAIL
+
+
 # ----------------------------------------------------------------- --check/--status
 
 
@@ -1880,7 +2058,8 @@ class Report:
             print(REDACTOR.redact(line))
 
 
-def run_check(settings: Settings, app_path: Path, token_path: Path, settings_note: str) -> int:
+def run_check(settings: Settings, app_path: Path, token_path: Path, settings_note: str,
+              login: str = LOGIN_COMMAND) -> int:
     """Validate everything without network or writes (the Ansible role runs this)."""
     report = Report()
     report.ok(f"settings: {settings_note}")
@@ -1897,7 +2076,7 @@ def run_check(settings: Settings, app_path: Path, token_path: Path, settings_not
     except SenderError as exc:
         report.fail(str(exc), exc.exit_code)
     else:
-        _check_token(report, settings, token)
+        _check_token(report, settings, token, login)
         folder = token_path.parent
         if not os.access(folder, os.W_OK | os.X_OK):
             report.fail(f"token folder {folder} is not writable by this user "
@@ -1908,7 +2087,7 @@ def run_check(settings: Settings, app_path: Path, token_path: Path, settings_not
     return report.exit_code
 
 
-def _check_token(report: Report, settings: Settings, token: Token) -> None:
+def _check_token(report: Report, settings: Settings, token: Token, login: str) -> None:
     now = time.time()
     left = token.valid_for(now)
     if left > 0:
@@ -1924,10 +2103,10 @@ def _check_token(report: Report, settings: Settings, token: Token) -> None:
     expiry = created + settings.refresh_token_lifetime_days * 86400
     left = expiry - now
     if left <= 0:
-        report.fail(f"refresh token expired at {when(expiry)}: run {LOGIN_COMMAND}", EXIT_NOPERM)
+        report.fail(f"refresh token expired at {when(expiry)}: run {login}", EXIT_NOPERM)
     elif left <= settings.refresh_token_warn_hours * 3600:
         report.warn(f"refresh token expires in {duration(left)} (at {when(expiry)}): "
-                    f"run {LOGIN_COMMAND} before then")
+                    f"run {login} before then")
     else:
         report.ok(f"refresh token valid for {duration(left)} (until {when(expiry)})")
 
@@ -1959,7 +2138,7 @@ def _check_socket(report: Report, settings: Settings) -> None:
                     f"({_user_name(uid)}), not in allowed_peer_users", EXIT_UNAVAILABLE)
 
 
-def run_status(settings: Settings, token_path: Path) -> int:
+def run_status(settings: Settings, token_path: Path, login: str = LOGIN_COMMAND) -> int:
     """Read-only summary from the token file and the state file."""
     token = TokenStore(token_path).read()
     now = time.time()
@@ -1979,7 +2158,7 @@ def run_status(settings: Settings, token_path: Path) -> int:
         rleft = expiry - now
         print(f"refresh token   obtained {when(created)} ({duration(now - created)} ago), "
               f"expires {when(expiry)} "
-              f"({'in ' + duration(rleft) if rleft > 0 else 'EXPIRED: run ' + LOGIN_COMMAND})")
+              f"({'in ' + duration(rleft) if rleft > 0 else 'EXPIRED: run ' + login})")
     data = StateFile.load(settings.state_file)
     for key, label in (("last_refresh", "last refresh"), ("last_delivery", "last delivery")):
         entry = data.get(key)
@@ -2093,9 +2272,15 @@ def build_parser() -> ArgumentParser:
                        help="validate only the settings file given by --config")
     modes.add_argument("--status", action="store_true",
                        help="print token expiry, last refresh and delivery; read-only")
+    modes.add_argument("--login", action="store_true",
+                       help="interactive login (authorization code): writes a new token file "
+                            "and hands the token to the bot")
     modes.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
     parser.add_argument("--force", action="store_true",
                         help="with --once: refresh even if the access token is still valid")
+    parser.add_argument("--redirect-url", metavar="URL",
+                        help="with --login: the URL the browser was redirected to (otherwise "
+                             "it is read from standard input)")
     return parser
 
 
@@ -2116,6 +2301,8 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] 
     args = build_parser().parse_args(argv)
     if args.force and not args.once:
         build_parser().error("--force only makes sense with --once")
+    if args.redirect_url is not None and not args.login:
+        build_parser().error("--redirect-url only makes sense with --login")
     console = setup_console_logging(environ)
     try:
         return _run(args, environ)
@@ -2137,22 +2324,26 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     app_path = (args.app_config or DEFAULT_APP_CONFIG).absolute()
     token_path = (args.token_file or DEFAULT_TOKEN_FILE).absolute()
     log.setLevel(settings.log_level)
+    login = login_command(app_path, token_path, args.config)
     if args.check:
-        return run_check(settings, app_path, token_path, note)
+        return run_check(settings, app_path, token_path, note, login)
     if args.status:
-        return run_status(settings, token_path)
+        return run_status(settings, token_path, login)
     if settings.log_file is not None:
         setup_file_logging(settings.log_file, settings.log_level)
     check_secret_permissions(app_path, "app config")
-    check_secret_permissions(token_path, "token file")
+    if not args.login:
+        check_secret_permissions(token_path, "token file")
     app = load_app_config(app_path)
     signals = Signals()
     signals.install()
     sender = Sender(settings, app, TokenStore(token_path), signals, Notifier(environ),
                     StateFile(settings.state_file))
-    sender.app_config_hint = str(app_path)
+    sender.login_command = login
     if args.once:
         return run_once(sender, args.force)
+    if args.login:
+        return run_login(sender, args.redirect_url)
     log.info("%s %s starting: token file %s, bot socket %s, endpoint %s", PROG, VERSION,
              token_path, settings.socket_path, settings.token_url)
     watcher = PathWatcher([settings.socket_path, token_path])
