@@ -121,6 +121,7 @@ POLL_INTERVAL = 2.0  # used only where inotify is unavailable
 WARN_REPEAT_SECONDS = 6 * 3600
 WARN_EVERY_REFRESH_SECONDS = 12 * 3600
 FINGERPRINT_HEX = 8
+WRITE_RETRY_SECONDS = 30
 
 
 # --------------------------------------------------------------------------- errors
@@ -150,6 +151,12 @@ class MalformedFile(SenderError):
 
 class WriteFailed(SenderError):
     exit_code = EXIT_CANTCREAT
+
+
+class LockTimeout(SenderError):
+    """Another process held the token file's lock for too long: try again later."""
+
+    exit_code = EXIT_TEMPFAIL
 
 
 class RefreshRejected(SenderError):
@@ -759,7 +766,7 @@ class TokenStore:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        raise WriteFailed(
+                        raise LockTimeout(
                             f"lock file {self.lock_path} is held by another process for "
                             f"over {timeout:.0f}s"
                         ) from None
@@ -1427,6 +1434,7 @@ class Sender:
         self.token: Optional[Token] = None
         self.file_signature: Optional[Tuple[int, int, int]] = None
         self.unsaved = False  # a refreshed token we could not write yet: it lives only here
+        self.next_write_retry: Optional[float] = None  # monotonic
         self.rejected = False
         self.failures = 0
         self.next_refresh = 0.0  # monotonic
@@ -1499,14 +1507,35 @@ class Sender:
             log.info("refreshed access token %s, valid until %s%s",
                      fingerprint(fresh.access_token), when(fresh.expires_at),
                      "; Schwab issued a new refresh token" if rotated else "")
-            try:
-                self.store.write(fresh)
-                self.unsaved = False
-                self.file_signature = self.store.signature()
-            except WriteFailed:
-                self.unsaved = True
-                raise
+            self.persist(fresh)
         return fresh
+
+    def persist(self, token: Token) -> None:
+        """Write the token file (lock held); on failure keep the token in memory, retry later."""
+        try:
+            self.store.write(token)
+        except WriteFailed:
+            self.unsaved = True
+            self.next_write_retry = self.clock.monotonic() + self.write_retry_delay
+            raise
+        if self.unsaved:
+            log.info("token file %s written after the earlier failure", self.store.path)
+        self.unsaved = False
+        self.next_write_retry = None
+        self.file_signature = self.store.signature()
+
+    def retry_write(self) -> None:
+        """The token in memory may be the only copy of a rotated refresh token: save it."""
+        assert self.token is not None
+        try:
+            with self.store.locked(self.lock_timeout):
+                self.persist(self.token)
+        except WriteFailed as exc:
+            log.error("%s; retrying in %gs", exc, self.write_retry_delay)
+
+    @property
+    def write_retry_delay(self) -> float:
+        return min(WRITE_RETRY_SECONDS, self.settings.backoff_max_seconds)
 
     def adopt_if_newer(self, on_disk: Token, why: str) -> bool:
         """Take a token another writer (a manual --once, schwab-py, a login) left in the file."""
@@ -1696,6 +1725,9 @@ class Daemon:
         if s.next_delivery is not None and self.sender.clock.monotonic() >= s.next_delivery:
             s.next_delivery = None
             self.deliver("retry")
+        if s.next_write_retry is not None and self.sender.clock.monotonic() >= (
+                s.next_write_retry):
+            s.retry_write()
         self.ping_watchdog()
         if s.signals.stop:
             return
@@ -1710,6 +1742,8 @@ class Daemon:
             deadlines.append(s.next_refresh)
         if s.next_delivery is not None:
             deadlines.append(s.next_delivery)
+        if s.next_write_retry is not None:
+            deadlines.append(s.next_write_retry)
         if self.next_watchdog is not None:
             deadlines.append(self.next_watchdog)
         if s.rejected and s.token is not None:

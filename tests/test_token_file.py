@@ -178,18 +178,23 @@ def test_a_token_folder_the_service_user_cannot_write_is_reported_and_the_bot_se
             **ids)
         try:
             assert bot_proc.stdout is not None and "listening" in bot_proc.stdout.readline()
-            result = subprocess.run(
-                [str(SYSTEM_PYTHON), str(sender_copy), "--once", "--app-config",
-                 str(app_config), "--token-file", str(token_file), "--config",
-                 str(settings), "--log-file", "-", "--state-file",
-                 str(bot_dir / "state.json"), "--socket", str(bot_dir / "s"),
-                 "--token-url", schwab.url],
-                capture_output=True, text=True, timeout=60, check=False, cwd="/", **ids)
+            argv = [str(SYSTEM_PYTHON), str(sender_copy), "--app-config", str(app_config),
+                    "--token-file", str(token_file), "--config", str(settings),
+                    "--log-file", "-", "--state-file", str(bot_dir / "state.json"),
+                    "--socket", str(bot_dir / "s"), "--token-url", schwab.url]
+            result = subprocess.run([*argv, "--once"], capture_output=True, text=True,
+                                    timeout=60, check=False, cwd="/", **ids)
             sender.registry.add_text("nobody stderr", result.stderr)
             assert result.returncode == 73, result.stderr
             assert "Permission denied" in result.stderr
             assert token_file.read_bytes() == before
             assert (bot_dir / "got.jsonl").read_text().count("\n") == 1
+            check = subprocess.run([*argv, "--check"], capture_output=True, text=True,
+                                   timeout=60, check=False, cwd="/", **ids)
+            sender.registry.add_text("nobody --check", check.stdout + check.stderr)
+            assert check.returncode == 73
+            assert f"token folder {locked} is not writable by this user (nobody)" in (
+                check.stdout)
         finally:
             bot_proc.terminate()
             bot_proc.wait(5)
@@ -197,15 +202,22 @@ def test_a_token_folder_the_service_user_cannot_write_is_reported_and_the_bot_se
         subprocess.run(["rm", "-rf", str(home)], check=False)
 
 
-def test_check_reports_a_token_folder_that_cannot_be_written(
-    sender: Sender, bundle: Bundle, tmp_path: Path
+@needs_root
+def test_a_token_that_could_not_be_written_is_saved_once_the_disk_is_writable_again(
+    sender: Sender, bundle: Bundle, schwab: FakeSchwab, bot: FakeBot, tmp_path: Path
 ) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere; covered by the nobody test above")
-    bundle.configs.chmod(0o555)
-    try:
-        result = sender.run("--check")
-    finally:
-        bundle.configs.chmod(0o755)
-    assert result.returncode == 73
-    assert "not writable" in result.stdout
+    with mounted_tmpfs(tmp_path / "flaky", "1m") as folder:
+        token_file = move_token_file(bundle, folder)
+        (folder / "schwab_tokens.json.lock").touch(mode=0o600)
+        before = token_file.read_bytes()
+        assert subprocess.run(["mount", "-o", "remount,ro", str(folder)]).returncode == 0
+        daemon = sender.start("--token-file", str(token_file))
+        daemon.wait_for_log("could not write token file")
+        assert bot.wait_for(1)
+        assert token_file.read_bytes() == before
+        assert subprocess.run(["mount", "-o", "remount,rw", str(folder)]).returncode == 0
+        daemon.wait_for_log("written after the earlier failure", timeout=10)
+        issued = schwab.latest
+        assert issued is not None
+        assert b'"' + issued.access_token.encode() + b'"' in token_file.read_bytes()
+        assert daemon.stop() == 0
