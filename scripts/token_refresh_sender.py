@@ -1378,7 +1378,9 @@ class StateFile:
 
     def __init__(self, path: Path) -> None:
         self.file = AtomicFile(path)
-        self.data: Dict[str, Any] = {"pid": os.getpid(), "consecutive_failures": 0}
+        # Start from what the last run (or the daemon, for a manual --once) recorded.
+        self.data: Dict[str, Any] = {"consecutive_failures": 0, **self.load(path),
+                                     "pid": os.getpid()}
         self._warned = False
 
     def update(self, **fields: Any) -> None:
