@@ -504,6 +504,12 @@ def check_secret_permissions(path: Path, what: str) -> None:
         mode = path.stat().st_mode
     except OSError:
         return  # reading it will report the problem
+    if stat.S_ISDIR(mode):
+        raise MalformedFile(f"{what} {path} is a directory, not a file (a container bind "
+                            "mount of a missing file creates one): remove it and put the file "
+                            "there")
+    if not stat.S_ISREG(mode):
+        raise MalformedFile(f"{what} {path} is not a regular file")
     if mode & 0o007:
         raise UnsafePermissions(
             f"{what} {path} is accessible by other users (mode {stat.S_IMODE(mode):04o}): "
@@ -888,13 +894,17 @@ class OAuthClient:
 
         conn = self._connection()
         expired = threading.Event()
+        deadline = time.monotonic() + self.timeout
+        # http.client forgets conn.sock when the server says "Connection: close", while the
+        # response still reads from it: keep our own reference so the deadline can cut it.
+        opened: List[socket.socket] = []
 
         def cut() -> None:
             expired.set()
-            sock = conn.sock
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            for sock in [*opened, conn.sock]:
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
         timer = threading.Timer(self.timeout, cut)
         timer.daemon = True
@@ -904,9 +914,13 @@ class OAuthClient:
             path += "?" + self.url.query
         endpoint = f"{self.url.scheme}://{self.url.netloc}"
         try:
+            conn.connect()
+            opened.append(conn.sock)
             conn.request("POST", path, body=body, headers=headers)
             response = conn.getresponse()
-            data = _read_bounded(response, MAX_RESPONSE_BYTES)
+            data = _read_bounded(response, MAX_RESPONSE_BYTES, deadline)
+            if expired.is_set():  # the cut reads as a clean end of a truncated body
+                raise socket.timeout
             return response.status, response.headers, data
         except ssl.SSLCertVerificationError as exc:
             raise TransientRefreshError(
@@ -916,7 +930,7 @@ class OAuthClient:
         except ssl.SSLError as exc:
             raise TransientRefreshError(f"TLS error talking to {endpoint}: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:
-            if expired.is_set():
+            if expired.is_set() or isinstance(exc, socket.timeout):
                 raise TransientRefreshError(
                     f"{endpoint} did not answer within {self.timeout:g}s"
                 ) from None
@@ -950,10 +964,13 @@ def _network_reason(exc: BaseException) -> str:
     return printable(_reason(exc), 120)
 
 
-def _read_bounded(response: Any, limit: int) -> bytes:
+def _read_bounded(response: Any, limit: int, deadline: float) -> bytes:
+    """Read the body: at most `limit` bytes, and not past the deadline however slow it drips."""
     chunks: List[bytes] = []
     size = 0
     while True:
+        if time.monotonic() > deadline:
+            raise socket.timeout
         chunk = response.read1(16384)
         if not chunk:
             return b"".join(chunks)
@@ -1064,6 +1081,7 @@ class Delivery:
     ABSENT = "bot not running"  # no socket file: nobody to deliver to
     RETRY = "no answer"  # refused, timed out or closed without a reply
     REJECTED = "rejected by the bot"
+    UNSENDABLE = "not sendable"  # too large for the bot's single read: never sent
     REFUSED = "refused for security"  # not a socket, or a listener we do not trust
 
 
@@ -1103,7 +1121,7 @@ class BotClient:
                               "refresh_token": token.refresh_token,
                               "expires_at": token.expires_at}, separators=(",", ":")).encode()
         if len(payload) >= BOT_MAX_MESSAGE:
-            return DeliveryResult(Delivery.REJECTED,
+            return DeliveryResult(Delivery.UNSENDABLE,
                                   f"message of {len(payload)} bytes does not fit the bot's "
                                   f"{BOT_MAX_MESSAGE - 1}-byte read; not sent")
         found = self.inspect()
@@ -1630,6 +1648,8 @@ class Sender:
                 self.refused_reported = result.detail
         elif result.outcome == Delivery.REJECTED:
             log.error("the bot did not accept access token %s: %s", fp, result.detail)
+        elif result.outcome == Delivery.UNSENDABLE:
+            log.error("not delivering access token %s: %s", fp, result.detail)
         else:
             log.warning("delivery attempt %d of %d failed: %s", self.delivery_attempts,
                         self.settings.socket_retries + 1, result.detail)
@@ -1706,6 +1726,8 @@ class Daemon:
         if interval:
             self.next_watchdog = self.sender.clock.monotonic() + interval
         s.schedule_from(token)
+        # Before any delivery: a bot that starts while we deliver must look new afterwards.
+        s.bot_inode = s.bot_socket_identity()
         margin = min(s.settings.refresh_margin_seconds, token.lifetime / 2)
         if token.valid_for(self.sender.clock.time()) > margin:
             log.info("access token %s on disk is valid until %s; next refresh in %s",
@@ -1715,7 +1737,6 @@ class Daemon:
             self.deliver("start-up")
         else:
             s.next_refresh = self.sender.clock.monotonic()
-        s.bot_inode = s.bot_socket_identity()
 
     def step(self) -> None:
         """Act on whatever is due, then sleep until the next thing is."""
@@ -1911,17 +1932,23 @@ def run_once(sender: Sender, force: bool) -> int:
         log.info("access token %s is valid until %s: no refresh due",
                  fingerprint(token.access_token), when(token.expires_at))
     s.report_refresh_token_age(at_refresh=True)
-    result = s.deliver("--once")
+    delivered = deliver_with_retries(s, "--once")
+    return EXIT_CANTCREAT if write_failed else delivered
+
+
+def deliver_with_retries(sender: Sender, reason: str) -> int:
+    """Deliver for a one-shot mode, retrying as the settings say; the mode's exit code."""
+    s = sender
+    result = s.deliver(reason)
     while result.outcome == Delivery.RETRY and s.delivery_attempts <= s.settings.socket_retries:
         if _interruptible_sleep(s.signals, s.settings.socket_retry_delay_seconds):
             return EXIT_OK
-        result = s.deliver("--once retry")
-    if write_failed:
-        return EXIT_CANTCREAT
+        result = s.deliver(f"{reason} retry")
     if result.outcome in (Delivery.DELIVERED, Delivery.ABSENT):
         return EXIT_OK
     if result.outcome == Delivery.RETRY:
-        return EXIT_TEMPFAIL
+        log.error("the bot did not take the token after %d attempts: %s",
+                  s.delivery_attempts, result.detail)
     return EXIT_UNAVAILABLE
 
 
@@ -2058,14 +2085,7 @@ def run_login(sender: Sender, redirect_url: Optional[str]) -> int:
     log.info("logged in: access token %s valid until %s; refresh token %s valid until %s",
              fingerprint(token.access_token), when(token.expires_at),
              fingerprint(token.refresh_token), when(expiry))
-    result = s.deliver("login")
-    while result.outcome == Delivery.RETRY and s.delivery_attempts <= s.settings.socket_retries:
-        if _interruptible_sleep(s.signals, s.settings.socket_retry_delay_seconds):
-            return EXIT_OK
-        result = s.deliver("login retry")
-    if result.outcome in (Delivery.DELIVERED, Delivery.ABSENT):
-        return EXIT_OK
-    return EXIT_UNAVAILABLE if result.outcome != Delivery.RETRY else EXIT_TEMPFAIL
+    return deliver_with_retries(s, "login")
 
 
 # ----------------------------------------------------------------- --check/--status
