@@ -2343,9 +2343,14 @@ def build_parser() -> ArgumentParser:
 def resolve_settings(args: argparse.Namespace) -> Tuple[Settings, str]:
     settings_path = args.config or DEFAULT_SETTINGS_FILE
     explicit = args.config is not None
-    overrides = {"token_url": args.token_url, "socket_path": args.socket,
-                 "log_file": args.log_file, "log_level": args.log_level,
-                 "state_file": args.state_file}
+    def from_cwd(value: Optional[str]) -> Optional[str]:
+        # Paths on the command line are relative to the working directory, as users expect;
+        # only those in the settings file are relative to the bundle root.
+        return value if value in (None, "-") else str(Path(value).absolute())
+
+    overrides = {"token_url": args.token_url, "socket_path": from_cwd(args.socket),
+                 "log_file": from_cwd(args.log_file), "log_level": args.log_level,
+                 "state_file": from_cwd(args.state_file)}
     settings = load_settings(settings_path, explicit, overrides)
     used = explicit or settings_path.exists()
     note = str(settings_path) if used else "defaults (no settings file)"

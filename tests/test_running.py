@@ -203,3 +203,16 @@ def test_the_sender_file_is_executable_and_has_the_pep723_header() -> None:
     assert os.access(SENDER, os.X_OK) and os.access(WRAPPER, os.X_OK)
     assert text.startswith("#!/usr/bin/env python3\n# /// script\n")
     assert 'requires-python = ">=3.9"' in text and 'dependencies = ["pyyaml>=6"]' in text
+
+
+def test_relative_paths_on_the_command_line_are_relative_to_the_working_directory(
+    sender: Sender, bundle: Bundle, bot: FakeBot
+) -> None:
+    bundle.write_tokens(valid_for=1800)
+    argv = sender.argv("--once", "--log-file", "here.log", "--state-file", "here.json")
+    result = subprocess.run(argv, cwd=sender.workdir, env=sender_env(), capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (sender.workdir / "here.log").is_file()
+    assert (sender.workdir / "here.json").is_file()
+    sender.registry.add_path(sender.workdir / "here.log", sender.workdir / "here.json")
