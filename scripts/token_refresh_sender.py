@@ -50,6 +50,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import os
 import pwd
 import random
@@ -122,6 +123,8 @@ WARN_REPEAT_SECONDS = 6 * 3600
 WARN_EVERY_REFRESH_SECONDS = 12 * 3600
 FINGERPRINT_HEX = 8
 WRITE_RETRY_SECONDS = 30
+QUICK_RETRY_WINDOW = 1.0  # after a new bot socket appears, retry a refused connect ...
+QUICK_RETRY_SECONDS = 0.05  # ... this often, so the bot has its token within a second
 
 
 # --------------------------------------------------------------------------- errors
@@ -196,7 +199,7 @@ class StopRequested(Exception):
 
 def fingerprint(value: str) -> str:
     """Identify a token in logs without revealing it."""
-    return hashlib.sha256(value.encode()).hexdigest()[:FINGERPRINT_HEX]
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX]
 
 
 class Redactor(logging.Filter):
@@ -237,14 +240,19 @@ def printable(text: str, limit: int = 200) -> str:
 
 def when(ts: float) -> str:
     """A Unix time as local time and UTC, e.g. '2026-12-03 17:20:00 CET (16:20:00 UTC)'."""
-    utc = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
-    local = utc.astimezone()
+    try:
+        utc = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+        local = utc.astimezone()
+    except (ValueError, OverflowError, OSError):
+        return f"Unix time {ts!r}"
     if local.utcoffset() == dt.timedelta(0):
         return f"{utc:%Y-%m-%d %H:%M:%S} UTC"
     return f"{local:%Y-%m-%d %H:%M:%S %Z} ({utc:%Y-%m-%d %H:%M:%S} UTC)"
 
 
 def duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "forever"
     seconds = int(abs(seconds))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
@@ -311,17 +319,19 @@ class Settings:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # name -> (minimum, exclusive?) for numeric settings
-_NUMERIC_LIMITS: Dict[str, Tuple[float, bool]] = {
-    "refresh_margin_seconds": (0, False),
-    "max_refresh_interval_seconds": (0, True),
-    "http_timeout_seconds": (0, True),
-    "socket_timeout_seconds": (0, True),
-    "socket_retries": (0, False),
-    "socket_retry_delay_seconds": (0, False),
-    "backoff_initial_seconds": (0, True),
-    "backoff_max_seconds": (0, True),
-    "refresh_token_lifetime_days": (0, True),
-    "refresh_token_warn_hours": (0, False),
+# name -> (minimum, is the minimum excluded?, maximum) for numeric settings. The maxima only
+# keep absurd values (1e30, inf) from reaching timers and date arithmetic.
+_NUMERIC_LIMITS: Dict[str, Tuple[float, bool, float]] = {
+    "refresh_margin_seconds": (0, False, 86400),
+    "max_refresh_interval_seconds": (0, True, 7 * 86400),
+    "http_timeout_seconds": (0, True, 3600),
+    "socket_timeout_seconds": (0, True, 3600),
+    "socket_retries": (0, False, 1000),
+    "socket_retry_delay_seconds": (0, False, 3600),
+    "backoff_initial_seconds": (0, True, 86400),
+    "backoff_max_seconds": (0, True, 86400),
+    "refresh_token_lifetime_days": (0, True, 3650),
+    "refresh_token_warn_hours": (0, False, 3650 * 24),
 }
 _PATH_SETTINGS = ("socket_path", "log_file", "state_file", "ca_file")
 
@@ -331,10 +341,14 @@ def _setting_number(name: str, value: Any) -> Number:
         raise SettingsError(f"setting {name}: expected a number, got {value!r}")
     if name == "socket_retries" and not isinstance(value, int):
         raise SettingsError(f"setting {name}: expected a whole number, got {value!r}")
-    minimum, exclusive = _NUMERIC_LIMITS[name]
+    minimum, exclusive, maximum = _NUMERIC_LIMITS[name]
+    if not math.isfinite(value):
+        raise SettingsError(f"setting {name}: expected a finite number, got {value!r}")
     if value < minimum or (exclusive and value == minimum):
         bound = "greater than" if exclusive else "at least"
         raise SettingsError(f"setting {name}: must be {bound} {minimum}, got {value!r}")
+    if value > maximum:
+        raise SettingsError(f"setting {name}: must be at most {maximum:g}, got {value!r}")
     return value
 
 
@@ -447,6 +461,8 @@ def read_settings_file(path: Path) -> Dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SettingsError(f"settings file {path}: invalid YAML{_yaml_where(exc)}") from None
+    except RecursionError:
+        raise SettingsError(f"settings file {path}: nested too deeply to be settings") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -537,6 +553,8 @@ def load_app_config(path: Path) -> AppConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise MalformedFile(f"app config {path}: invalid YAML{_yaml_where(exc)}") from None
+    except RecursionError:
+        raise MalformedFile(f"app config {path}: nested too deeply to be an app config") from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise MalformedFile(f"app config {path}: expected a mapping with app_key and app_secret, "
@@ -547,6 +565,9 @@ def load_app_config(path: Path) -> AppConfig:
         if not isinstance(value, str) or not value.strip():
             raise MalformedFile(f"app config {path}: {key}: expected a non-empty string, "
                                 f"{'missing' if value is None else 'got ' + type(value).__name__}")
+        if not is_token_text(value.strip()):
+            raise MalformedFile(f"app config {path}: {key}: contains characters an app "
+                                "credential cannot have (expected printable ASCII)")
         values[key] = value.strip()
     callback = data.get("callback_url")
     config = AppConfig(values["app_key"], values["app_secret"],
@@ -613,6 +634,8 @@ def parse_token_document(raw: bytes, path: Path) -> Token:
                             f"{exc.msg} (truncated or half-written?)") from None
     except ValueError as exc:
         raise MalformedFile(f"{where}: invalid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedFile(f"{where}: nested too deeply to be a token file") from None
     if not isinstance(doc, dict):
         raise MalformedFile(f"{where}: expected a JSON object, got {_json_type(doc)}")
     token = doc.get("token")
@@ -622,14 +645,33 @@ def parse_token_document(raw: bytes, path: Path) -> Token:
     _expect(token, "refresh_token", str, where, nonempty=True)
     _expect(token, "access_token", str, where, nonempty=False)
     _expect(token, "expires_at", int, where, nonempty=False)
+    for key in ("access_token", "refresh_token"):
+        if not is_token_text(token[key]):
+            raise MalformedFile(f"{where}: token.{key}: contains characters no token has "
+                                "(expected printable ASCII)")
+    if not plausible_time(token["expires_at"]):
+        raise MalformedFile(f"{where}: token.expires_at: expected a Unix time in seconds, "
+                            f"got {token['expires_at']}")
     created = doc.get("creation_timestamp")
     if created is not None and (isinstance(created, bool)
-                                or not isinstance(created, (int, float))):
-        raise MalformedFile(f"{where}: creation_timestamp: expected a Unix time, "
-                            f"got {_json_type(created)}")
+                                or not isinstance(created, (int, float))
+                                or not plausible_time(created)):
+        shown = _json_type(created) if not isinstance(created, (int, float)) else repr(created)
+        raise MalformedFile(f"{where}: creation_timestamp: expected a Unix time in seconds, "
+                            f"got {shown}")
     parsed = Token(doc)
     REDACTOR.add(parsed.access_token, parsed.refresh_token, token.get("id_token"))
     return parsed
+
+
+def is_token_text(value: str) -> bool:
+    """OAuth tokens are printable ASCII; anything else cannot be sent in a header or JSON."""
+    return value.isascii() and value.isprintable()
+
+
+def plausible_time(value: float) -> bool:
+    """Between 1970 and 9999: the range datetime (and every reader of the file) can show."""
+    return math.isfinite(value) and 0 <= value < 253402300800
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -673,8 +715,14 @@ class AtomicFile:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def temp_glob(self) -> str:
-        return f".{self.path.name}.*.tmp"
+    def remove_temps(self) -> int:
+        """Remove the temporary files of writes that a crash interrupted."""
+        removed = 0
+        for temp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                temp.unlink()
+                removed += 1
+        return removed
 
     def write(self, data: bytes, durable: bool = True, mode: int = 0o600) -> None:
         folder = self.path.parent
@@ -806,12 +854,7 @@ class TokenStore:
 
     def clean_stale_temps(self) -> int:
         """Remove temporary files a crash left behind (call with the lock held)."""
-        removed = 0
-        for temp in self.path.parent.glob(self.file.temp_glob()):
-            with contextlib.suppress(OSError):
-                temp.unlink()
-                removed += 1
-        return removed
+        return self.file.remove_temps()
 
 
 # -------------------------------------------------------------------- OAuth client
@@ -987,7 +1030,7 @@ def _retry_after(headers: Any) -> Optional[float]:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     with contextlib.suppress(TypeError, ValueError, IndexError):
         from email.utils import parsedate_to_datetime
@@ -1004,7 +1047,7 @@ def classify_answer(status: int, headers: Any, data: bytes) -> Dict[str, Any]:
     """A usable token answer, or the exception that says what went wrong (never the body)."""
     try:
         parsed: Any = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     error = description = ""
     if isinstance(parsed, dict):
@@ -1044,8 +1087,12 @@ def _usable_answer(parsed: Any) -> Dict[str, Any]:
     access = parsed.get("access_token")
     if not isinstance(access, str) or not access:
         raise TransientRefreshError("token endpoint answered HTTP 200 without an access_token")
+    if not is_token_text(access):
+        raise TransientRefreshError("token endpoint answered HTTP 200 with an access_token "
+                                    "that is not printable ASCII")
     refresh = parsed.get("refresh_token")
-    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+    if refresh is not None and (not isinstance(refresh, str) or not is_token_text(refresh)
+                                or not refresh):
         raise TransientRefreshError("token endpoint answered HTTP 200 with an invalid "
                                     "refresh_token")
     expires_in = parsed.get("expires_in", 1800)
@@ -1400,6 +1447,7 @@ class StateFile:
         self.data: Dict[str, Any] = {"consecutive_failures": 0, **self.load(path),
                                      "pid": os.getpid()}
         self._warned = False
+        self.file.remove_temps()  # at worst a concurrent --once loses one status update
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields, updated_at=int(time.time()))
@@ -1463,6 +1511,7 @@ class Sender:
         self.attempted: Optional[str] = None  # ... of the last token whose delivery ended
         self.delivery_attempts = 0
         self.next_delivery: Optional[float] = None  # monotonic; retry of a failed delivery
+        self.quick_retry_until = 0.0  # monotonic; see Daemon.deliver
         self.bot_inode: Optional[Tuple[int, int, int]] = None
         self.last_age_warning: Optional[float] = None
         self.expired_reported = False
@@ -1619,7 +1668,7 @@ class Sender:
 
     # -- delivering ------------------------------------------------------------
 
-    def deliver(self, reason: str) -> DeliveryResult:
+    def deliver(self, reason: str, quiet_retry: bool = False) -> DeliveryResult:
         """One attempt to hand the current token to the bot; logs the outcome."""
         assert self.token is not None
         token = self.token
@@ -1650,6 +1699,9 @@ class Sender:
             log.error("the bot did not accept access token %s: %s", fp, result.detail)
         elif result.outcome == Delivery.UNSENDABLE:
             log.error("not delivering access token %s: %s", fp, result.detail)
+        elif quiet_retry:
+            self.delivery_attempts -= 1  # does not count against socket_retries
+            log.debug("bot not answering yet (%s); trying again at once", result.detail)
         else:
             log.warning("delivery attempt %d of %d failed: %s", self.delivery_attempts,
                         self.settings.socket_retries + 1, result.detail)
@@ -1829,6 +1881,7 @@ class Daemon:
             if identity is not None and identity != s.bot_inode:
                 s.bot_inode = identity
                 s.delivery_attempts = 0
+                s.quick_retry_until = s.clock.monotonic() + QUICK_RETRY_WINDOW
                 self.deliver("bot socket appeared")
             elif identity is None:
                 s.bot_inode = None
@@ -1886,9 +1939,14 @@ class Daemon:
 
     def deliver(self, reason: str) -> None:
         s = self.sender
-        result = s.deliver(reason)
-        if result.outcome == Delivery.RETRY and s.delivery_attempts <= s.settings.socket_retries:
-            s.next_delivery = self.sender.clock.monotonic() + s.settings.socket_retry_delay_seconds
+        now = s.clock.monotonic()
+        # A bot binds its new socket a moment before it listens: retry that quickly.
+        quick = now < s.quick_retry_until
+        result = s.deliver(reason, quiet_retry=quick)
+        if result.outcome == Delivery.RETRY and quick:
+            s.next_delivery = now + QUICK_RETRY_SECONDS
+        elif result.outcome == Delivery.RETRY and s.delivery_attempts <= s.settings.socket_retries:
+            s.next_delivery = now + s.settings.socket_retry_delay_seconds
         else:
             s.next_delivery = None
 
@@ -2364,6 +2422,9 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] 
         build_parser().error("--force only makes sense with --once")
     if args.redirect_url is not None and not args.login:
         build_parser().error("--redirect-url only makes sense with --login")
+    # Whatever the caller's umask, nothing the sender creates (log folder, log, state, lock)
+    # is writable by the group or readable by others; secret files get explicit modes.
+    os.umask(os.umask(0o027) | 0o027)
     console = setup_console_logging(environ)
     try:
         return _run(args, environ)
