@@ -46,7 +46,10 @@ class Container:
     """One booted systemd container. Use as a context manager: halts and cleans up on exit."""
 
     def __init__(self, rootfs: Path, name: str, log_dir: Path,
-                 binds: Sequence[str] = ()) -> None:
+                 binds: Sequence[str] = (), persist: Optional[Path] = None) -> None:
+        """persist: keep the container's changes in this folder (an overlay on the root file
+        system) instead of throwing them away at halt, so that halt + boot is a reboot."""
+        self.persist = persist
         self.rootfs = rootfs
         self.binds = list(binds)
         self.name = name
@@ -74,15 +77,25 @@ class Container:
             cgroup.mkdir(exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         console = (self.log_dir / "console.log").open("wb")
+        mounts = "mount -t tmpfs tmpfs /run"
+        if self.persist is None:
+            root = ["--volatile=overlay", f"--directory={self.rootfs}"]
+        else:
+            upper, work, merged = (self.persist / d for d in ("upper", "work", "merged"))
+            for folder in (upper, work, merged):
+                folder.mkdir(parents=True, exist_ok=True)
+            # Mounted in the private mount namespace below: gone with it, kept on disk.
+            mounts += (f" && mount -t overlay overlay -o lowerdir={self.rootfs},"
+                       f"upperdir={upper},workdir={work} {merged}")
+            root = [f"--directory={merged}"]
         nspawn = [
-            "systemd-nspawn", "--boot", "--register=no", "--keep-unit",
-            "--volatile=overlay", f"--directory={self.rootfs}", f"--machine={self.name}",
-            "--bind-ro=/etc/ssl/certs", "--console=pipe", "--quiet",
+            "systemd-nspawn", "--boot", "--register=no", "--keep-unit", *root,
+            f"--machine={self.name}", "--bind-ro=/etc/ssl/certs", "--console=pipe", "--quiet",
             *(f"--bind={bind}" for bind in self.binds),
         ]
         self._nspawn = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-             'mount -t tmpfs tmpfs /run && exec "$@"', "sh", *nspawn],
+             mounts + ' && exec "$@"', "sh", *nspawn],
             stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
             preexec_fn=self._enter_cgroups,
             start_new_session=True,
