@@ -619,6 +619,15 @@ class Token:
         return self.expires_at - now
 
 
+def give_to_folder_owner(fd: int, folder: Path) -> None:
+    """Run as root (a manual --once or --login), leave files the service user can open."""
+    if os.geteuid() != 0:
+        return
+    st = folder.stat()
+    if os.fstat(fd).st_uid != st.st_uid:
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
 def parse_token_document(raw: bytes, path: Path) -> Token:
     """Parse and check the fields we rely on; keep everything else untouched."""
     where = f"token file {path}"
@@ -831,7 +840,9 @@ class TokenStore:
 
     def _open_lock(self) -> Optional[int]:
         try:
-            return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            give_to_folder_owner(fd, self.lock_path.parent)
+            return fd
         except OSError as exc:
             reason = _reason(exc)
         try:
@@ -2334,9 +2345,11 @@ def setup_file_logging(path: Path, level: str) -> None:
         handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
         with contextlib.suppress(OSError):
             path.chmod(0o640)
+            if handler.stream is not None:
+                give_to_folder_owner(handler.stream.fileno(), path.parent)
     except OSError as exc:
-        raise WriteFailed(f"cannot open log file {path}: {_reason(exc)} "
-                          "(fix its folder's permissions, or use --log-file -)") from None
+        raise WriteFailed(f"cannot open log file {path}: {_reason(exc)} (it and its folder "
+                          "must be writable by this user; or use --log-file -)") from None
     handler.setFormatter(LOG_FORMAT)
     handler.addFilter(REDACTOR)
     log.addHandler(handler)

@@ -221,3 +221,17 @@ def test_a_token_that_could_not_be_written_is_saved_once_the_disk_is_writable_ag
         assert issued is not None
         assert b'"' + issued.access_token.encode() + b'"' in token_file.read_bytes()
         assert daemon.stop() == 0
+
+
+@needs_root
+def test_a_run_as_root_leaves_the_lock_and_log_to_the_service_user(
+    sender: Sender, bundle: Bundle, bot: FakeBot
+) -> None:
+    # configs/ and logs/ belong to the service user; root runs --once by hand.
+    nobody = pwd.getpwnam("nobody")
+    for folder in (bundle.configs, bundle.logs):
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    assert sender.run("--once").returncode == 0
+    for path in (bundle.configs / "schwab_tokens.json.lock", bundle.log_file,
+                 bundle.state_file):
+        assert path.stat().st_uid == nobody.pw_uid, path
