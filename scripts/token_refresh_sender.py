@@ -123,6 +123,7 @@ WARN_REPEAT_SECONDS = 6 * 3600
 WARN_EVERY_REFRESH_SECONDS = 12 * 3600
 FINGERPRINT_HEX = 8
 WRITE_RETRY_SECONDS = 30
+URGENT_BACKOFF_SECONDS = 30  # longest backoff while the bot's token is about to die
 QUICK_RETRY_WINDOW = 1.0  # after a new bot socket appears, retry a refused connect ...
 QUICK_RETRY_SECONDS = 0.05  # ... this often, so the bot has its token within a second
 
@@ -205,17 +206,27 @@ def fingerprint(value: str) -> str:
 class Redactor(logging.Filter):
     """Last line of defence: replace any known secret that reaches a log line."""
 
+    RECENT = 12  # tokens of the last few refreshes; older ones are dead anyway
+
     def __init__(self) -> None:
         super().__init__()
-        self._secrets: Set[str] = set()
+        self._pinned: Set[str] = set()  # the app secret
+        self._recent: Dict[str, None] = {}  # insertion-ordered: a bounded set of tokens
+
+    def pin(self, value: str) -> None:
+        if value:
+            self._pinned.add(value)
 
     def add(self, *values: Optional[str]) -> None:
         for value in values:
             if value and len(value) >= 6:
-                self._secrets.add(value)
+                self._recent.pop(value, None)
+                self._recent[value] = None
+        while len(self._recent) > self.RECENT:  # a daemon must not grow with every refresh
+            del self._recent[next(iter(self._recent))]
 
     def redact(self, text: str) -> str:
-        for value in self._secrets:
+        for value in [*self._pinned, *self._recent]:
             if value in text:
                 text = text.replace(value, f"<redacted:{fingerprint(value)}>")
         return text
@@ -572,7 +583,7 @@ def load_app_config(path: Path) -> AppConfig:
     callback = data.get("callback_url")
     config = AppConfig(values["app_key"], values["app_secret"],
                        callback if isinstance(callback, str) else None)
-    REDACTOR.add(config.app_secret)
+    REDACTOR.pin(config.app_secret)
     return config
 
 
@@ -883,6 +894,7 @@ class OAuthClient:
         self.timeout = settings.http_timeout_seconds
         self.ca_file = settings.ca_file
         self.app = app
+        self._context: Any = None
 
     def refresh(self, refresh_token: str) -> Dict[str, Any]:
         return self._token_request({"grant_type": "refresh_token",
@@ -934,12 +946,14 @@ class OAuthClient:
         return conn
 
     def _tls_context(self) -> Any:
-        import ssl
+        """Built once: loading the CA store costs ~50 ms of CPU and memory at each refresh."""
+        if self._context is None:
+            import ssl
 
-        context = ssl.create_default_context()
-        if self.ca_file is not None:
-            context.load_verify_locations(cafile=str(self.ca_file))
-        return context
+            self._context = ssl.create_default_context()
+            if self.ca_file is not None:
+                self._context.load_verify_locations(cafile=str(self.ca_file))
+        return self._context
 
     def _post(self, body: bytes, headers: Dict[str, str]) -> Tuple[int, Any, bytes]:
         """One POST with a hard deadline on the whole exchange, not only on each read."""
@@ -996,14 +1010,18 @@ class OAuthClient:
             conn.close()
 
 
-def _proxy_for(url: urllib.parse.SplitResult) -> Optional[urllib.parse.SplitResult]:
-    """Honour https_proxy/no_proxy like urllib does (CONNECT tunnel)."""
-    import urllib.request
-
-    if url.scheme != "https" or urllib.request.proxy_bypass(url.hostname or ""):
+def _proxy_for(url: urllib.parse.SplitResult,
+               environ: Mapping[str, str] = os.environ) -> Optional[urllib.parse.SplitResult]:
+    """Honour https_proxy and no_proxy as curl and urllib do (a CONNECT tunnel)."""
+    proxy = environ.get("https_proxy") or environ.get("HTTPS_PROXY")
+    if url.scheme != "https" or not proxy:
         return None
-    proxy = urllib.request.getproxies().get("https")
-    return urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy) if proxy else None
+    host = (url.hostname or "").lower()
+    for entry in (environ.get("no_proxy") or environ.get("NO_PROXY") or "").split(","):
+        entry = entry.strip().lower().lstrip(".")
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    return urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
 
 
 def _network_reason(exc: BaseException) -> str:
@@ -1119,10 +1137,17 @@ def _usable_answer(parsed: Any) -> Dict[str, Any]:
 
 
 def backoff_delay(attempt: int, settings: Settings, retry_after: Optional[float],
-                  rng: Callable[[float, float], float] = random.uniform) -> float:
-    """Exponential backoff with full jitter, never shorter than a Retry-After (capped)."""
-    ceiling = min(settings.backoff_max_seconds,
-                  settings.backoff_initial_seconds * 2 ** max(0, attempt - 1))
+                  rng: Callable[[float, float], float] = random.uniform,
+                  urgent: bool = False) -> float:
+    """Exponential backoff with full jitter, never shorter than a Retry-After (capped).
+
+    urgent: the bot's token dies (by its 5-minute rule) before the next ceiling would be
+    reached; back off at most URGENT_BACKOFF_SECONDS so a recovered endpoint is used soon.
+    """
+    longest = settings.backoff_max_seconds
+    if urgent:
+        longest = min(longest, URGENT_BACKOFF_SECONDS)
+    ceiling = min(longest, settings.backoff_initial_seconds * 2 ** max(0, attempt - 1))
     delay = rng(0, ceiling)
     if retry_after is not None:
         delay = max(delay, min(retry_after, settings.backoff_max_seconds))
@@ -1266,51 +1291,92 @@ def _file_kind(mode: int) -> str:
 
 
 class PathWatcher:
-    """Tell when watched paths change: inotify on their folders, else a 2 s stat poll."""
+    """Tell when watched paths change: inotify, else a 2 s stat poll.
+
+    The token file is watched through its folder. The bot's socket usually lives in /tmp,
+    where every other program's files would wake us: while the socket exists only the socket
+    itself is watched (for its unlink), and its folder only while it is missing (for its
+    creation). Callers compare what is at the path; a spurious report costs one lstat.
+    """
 
     IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x8, 0x40, 0x80
     IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
-    IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
+    IN_DONT_FOLLOW, IN_NONBLOCK, IN_CLOEXEC = 0x2000000, 0o4000, 0o2000000
     MASK = (IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
             | IN_DELETE_SELF | IN_MOVE_SELF)
+    SOCKET_MASK = IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_DONT_FOLLOW
+    CREATION_MASK = IN_CREATE | IN_MOVED_TO
     EVENT = struct.Struct("iIII")
 
-    def __init__(self, paths: List[Path], use_inotify: bool = True) -> None:
-        self.paths = paths
+    def __init__(self, paths: List[Path], socket_path: Optional[Path] = None,
+                 use_inotify: bool = True) -> None:
+        self.paths = paths + ([socket_path] if socket_path is not None else [])
+        folders = {path.parent for path in paths}
+        # A socket sharing a watched folder is seen through that folder's watch.
+        self.socket_path = socket_path if socket_path and socket_path.parent not in folders \
+            else None
+        if socket_path is not None and self.socket_path is None:
+            paths = [*paths, socket_path]
         self.fd: Optional[int] = None
-        self._watches: Dict[int, Path] = {}
-        self._stats = {path: _stat_signature(path) for path in paths}
+        self._libc: Any = None
+        self._folders: Dict[int, Path] = {}  # wd -> watched folder
+        self._socket_wd: Optional[int] = None  # the socket file itself, or its folder
+        self._stats = {path: _stat_signature(path) for path in self.paths}
         if use_inotify:
-            self._start_inotify()
+            self._start_inotify({path.parent for path in paths})
 
     @property
     def poll_interval(self) -> Optional[float]:
         return None if self.fd is not None else POLL_INTERVAL
 
-    def _start_inotify(self) -> None:
+    def _start_inotify(self, folders: Set[Path]) -> None:
         try:
             import ctypes
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            fd = self._libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
             if fd < 0:
                 raise OSError(ctypes.get_errno(), "inotify_init1")
-            for folder in {path.parent for path in self.paths}:
-                wd = libc.inotify_add_watch(fd, os.fsencode(folder), self.MASK)
-                if wd < 0:
-                    os.close(fd)
-                    raise OSError(ctypes.get_errno(), f"inotify_add_watch {folder}")
-                self._watches[wd] = folder
             self.fd = fd
+            for folder in folders:
+                self._folders[self._add(folder, self.MASK)] = folder
+            self._arm_socket()
+            self.changes()  # drop the IN_IGNORED of arming, so an idle start stays asleep
         except (OSError, AttributeError) as exc:
+            self.close()
             log.info("inotify unavailable (%s); checking the socket every %gs instead",
                      _reason(exc), POLL_INTERVAL)
+
+    def _add(self, path: Path, mask: int) -> int:
+        wd = int(self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask))
+        if wd < 0:
+            import ctypes
+
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+        return wd
+
+    def _arm_socket(self) -> None:
+        """Watch the socket file while it exists, else its folder for its creation."""
+        if self.socket_path is None:
+            return
+        if self._socket_wd is not None:
+            self._libc.inotify_rm_watch(self.fd, self._socket_wd)
+        # The folder first: a socket created meanwhile is then seen either way.
+        self._socket_wd = self._add(self.socket_path.parent, self.CREATION_MASK)
+        if os.path.lexists(self.socket_path):
+            folder_wd = self._socket_wd
+            try:
+                self._socket_wd = self._add(self.socket_path, self.SOCKET_MASK)
+            except FileNotFoundError:
+                return  # gone again: keep watching the folder
+            self._libc.inotify_rm_watch(self.fd, folder_wd)
 
     def changes(self) -> Set[Path]:
         """Watched paths that changed since the last call (drains pending events)."""
         if self.fd is None:
             return self._poll()
         names: Set[Path] = set()
+        socket_event = False
         while True:
             try:
                 data = os.read(self.fd, 65536)
@@ -1322,16 +1388,25 @@ class PathWatcher:
                 offset += self.EVENT.size
                 name = data[offset:offset + length].rstrip(b"\0")
                 offset += length
-                folder = self._watches.get(wd)
-                if folder is not None:
-                    names.add(folder / os.fsdecode(name))
+                if wd == self._socket_wd:
+                    socket_event = True
+                elif wd in self._folders:
+                    names.add(self._folders[wd] / os.fsdecode(name))
+        if socket_event and self.socket_path is not None:
+            names.add(self.socket_path)
+            try:
+                self._arm_socket()
+            except OSError as exc:  # its folder vanished: fall back to polling
+                log.warning("cannot watch %s any more (%s); checking it every %gs",
+                            self.socket_path, _reason(exc), POLL_INTERVAL)
+                self.close()
         return {path for path in self.paths if path in names}
 
     def _poll(self) -> Set[Path]:
         changed = set()
         for path in self.paths:
             now = _stat_signature(path)
-            if now != self._stats[path]:
+            if now != self._stats.get(path):
                 self._stats[path] = now
                 changed.add(path)
         return changed
@@ -1348,6 +1423,17 @@ def _stat_signature(path: Path) -> Optional[Tuple[int, int, int, int]]:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (start-up's compiler, a refresh's TLS buffers): the
+    daemon then idles at its real size instead of its peak. glibc only; a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # --------------------------------------------------------------- signals and loop
@@ -1771,6 +1857,7 @@ class Daemon:
     def run(self) -> int:
         try:
             self.start()
+            release_memory()
             while not self.sender.signals.stop:
                 self.step()
         except StopRequested:
@@ -1911,7 +1998,8 @@ class Daemon:
             return
         except TransientRefreshError as exc:
             s.failures += 1
-            delay = backoff_delay(s.failures, s.settings, exc.retry_after, s.rng)
+            delay = backoff_delay(s.failures, s.settings, exc.retry_after, s.rng,
+                                  urgent=self.bot_token_at_risk())
             s.next_refresh = self.sender.clock.monotonic() + delay
             log.warning("refresh attempt %d failed: %s; retrying in %.1fs",
                         s.failures, exc, delay)
@@ -1924,7 +2012,8 @@ class Daemon:
             s.failures = 0
         except SenderError as exc:
             s.failures += 1
-            delay = backoff_delay(s.failures, s.settings, None, s.rng)
+            delay = backoff_delay(s.failures, s.settings, None, s.rng,
+                                  urgent=self.bot_token_at_risk())
             s.next_refresh = self.sender.clock.monotonic() + delay
             log.error("refresh failed: %s; retrying in %.1fs", exc, delay)
             self.deliver_if_needed("refresh failed")
@@ -1938,6 +2027,15 @@ class Daemon:
         if s.delivered != fingerprint(token.access_token):
             s.delivery_attempts = 0
             self.deliver("refresh")
+        release_memory()
+
+    def bot_token_at_risk(self) -> bool:
+        """Would the bot hold an expired token (its rule) before a full backoff ends?"""
+        s = self.sender
+        if s.token is None:
+            return True
+        left_for_bot = s.token.valid_for(s.clock.time()) - BOT_EXPIRY_MARGIN
+        return left_for_bot < s.settings.backoff_max_seconds
 
     def deliver_if_needed(self, reason: str) -> None:
         """Give the bot the token we hold unless it has it or the last try was final."""
@@ -2481,7 +2579,7 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return run_login(sender, args.redirect_url)
     log.info("%s %s starting: token file %s, bot socket %s, endpoint %s", PROG, VERSION,
              token_path, settings.socket_path, settings.token_url)
-    watcher = PathWatcher([settings.socket_path, token_path])
+    watcher = PathWatcher([token_path], socket_path=settings.socket_path)
     daemon = Daemon(sender, EventLoop(signals, watcher))
     daemon.reload_settings = lambda: _reload(sender, args)
     try:

@@ -596,3 +596,33 @@ def test_a_bot_that_is_down_when_the_daemon_starts_gets_the_token_within_a_secon
     assert bot.payloads[0]["access_token"] == ACCESS_TOKEN
     assert schwab.token_requests == []
     assert daemon.stop() == 0
+
+
+def test_other_files_in_the_sockets_folder_do_not_wake_the_sender_but_a_new_socket_does(
+    bot: FakeBot, tmp_path: Path
+) -> None:
+    import select
+
+    from tests.sender_module import tsr
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    watcher = tsr.PathWatcher([configs / "tokens.json"], socket_path=bot.path)
+    try:
+        assert watcher.fd is not None
+
+        def woken(timeout: float = 0.2) -> bool:
+            return bool(select.select([watcher.fd], [], [], timeout)[0])
+
+        for n in range(20):  # /tmp is busy with other programs' files
+            (bot.path.parent / f"noise-{n}").write_text("x")
+            (bot.path.parent / f"noise-{n}").unlink()
+        assert not woken(), "another program's file woke the sender"
+        bot.stop()
+        assert woken() and watcher.changes() == {bot.path}
+        bot.start()
+        assert woken() and bot.path in watcher.changes()
+        (configs / "tokens.json").write_text("{}")
+        assert woken() and watcher.changes() == {configs / "tokens.json"}
+    finally:
+        watcher.close()
