@@ -292,3 +292,34 @@ def test_state_file_is_not_world_readable_or_writable(
     assert bundle.token_file.stat().st_mode & 0o077 == 0
     state = json.loads(bundle.state_file.read_text())
     assert state["last_delivery"]["outcome"] == "delivered"
+
+
+def test_the_log_survives_logrotate_moving_it_away(
+    sender: Sender, bundle: Bundle, schwab: FakeSchwab, bot: FakeBot
+) -> None:
+    bundle.write_tokens(valid_for=1800)
+    daemon = sender.start()
+    daemon.wait_for_log("delivered access token")
+    rotated = bundle.logs / "token_refresh_sender.log.1"
+    bundle.log_file.rename(rotated)  # what logrotate does (without copytruncate)
+    sender.registry.add_path(rotated)
+    daemon.send_signal(signal.SIGUSR1)
+    daemon.wait_for_log("refreshed access token")  # in the new file at the old path
+    assert "refreshed access token" not in rotated.read_text()
+    assert daemon.stop() == 0
+
+
+def test_the_command_line_beats_the_settings_file(
+    sender: Sender, bundle: Bundle, bot: FakeBot, short_dir: Path
+) -> None:
+    decoy = FakeBot(short_dir / "decoy.sock").start()
+    try:
+        bundle.write_tokens(valid_for=1800)
+        bundle.write_settings(socket_path=str(decoy.path))
+        result = sender.run("--once")  # the fixture passes --socket bot.path on the command line
+        assert result.returncode == 0, result.stderr
+        assert len(bot.received) == 1 and decoy.received == []
+        status = sender.run("--check")
+        assert f"bot socket {bot.path}" in status.stdout
+    finally:
+        decoy.stop()
