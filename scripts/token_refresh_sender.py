@@ -1520,16 +1520,25 @@ class Notifier:
         usec = environ.get("WATCHDOG_USEC", "")
         # WATCHDOG_PID is uv's pid when run through the wrapper: do not insist it is ours.
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
+        self._sock: Optional[socket.socket] = None
 
     def send(self, *fields: str) -> None:
         if not self.address:
             return
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.connect(self.address)
-                sock.sendall("\n".join(fields).encode())
-        except OSError as exc:
-            log.debug("sd_notify failed: %s", _reason(exc))
+        message = "\n".join(fields).encode()
+        for _attempt in range(2):  # the socket is kept (cheaper pings); reopen it once
+            try:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX,
+                                               socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    self._sock.connect(self.address)
+                self._sock.sendall(message)
+                return
+            except OSError as exc:
+                log.debug("sd_notify failed: %s", _reason(exc))
+                if self._sock is not None:
+                    self._sock.close()
+                    self._sock = None
 
 
 # ---------------------------------------------------------------------- state file
