@@ -47,7 +47,7 @@ from tests.conftest import (
 )
 from tests.fakes.bot import FakeBot
 from tests.fakes.schwab import REDIRECT_TARGET_PATH, FakeSchwab
-from tests.sender_module import tsr
+from tests.sender_module import OffsetClock, tsr
 
 ITERATIONS = int(os.environ.get("FAULT_ITERATIONS", "40"))
 BOT_RESTARTS = int(os.environ.get("FAULT_BOT_RESTARTS", "100"))
@@ -825,16 +825,6 @@ def test_a_misbehaving_bot_never_holds_up_the_refresh_schedule(
 
 DAY = 86400.0
 HOUR = 3600.0
-
-
-class OffsetClock(tsr.Clock):  # type: ignore[misc,name-defined]
-    """The frozen clock; the wall clock can jump on its own while monotonic time does not."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def time(self) -> float:
-        return time.time() + self.offset
 
 
 @dataclass

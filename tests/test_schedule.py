@@ -21,21 +21,11 @@ from freezegun.api import FrozenDateTimeFactory
 from tests.conftest import APP_KEY, APP_SECRET, REFRESH_TOKEN, Bundle
 from tests.fakes.bot import FakeBot
 from tests.fakes.schwab import FakeSchwab
-from tests.sender_module import tsr
+from tests.sender_module import OffsetClock, tsr
 
 START = "2026-12-03 12:00:00"
 HOUR = 3600.0
 LOGGER = "token_refresh_sender"
-
-
-class OffsetClock(tsr.Clock):  # type: ignore[misc,name-defined]
-    """The frozen clock, with the wall clock able to jump on its own (monotonic does not)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def time(self) -> float:
-        return time.time() + self.offset
 
 
 @dataclass
