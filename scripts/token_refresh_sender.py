@@ -24,9 +24,10 @@ What the daemon does, step by step:
    ``creation_timestamp`` and every unknown field.
 6. Push ``{"access_token", "refresh_token", "expires_at"}`` to the bot's Unix socket,
    after checking that the path is a socket whose listener is an allowed user.
-7. Sleep on one ``select``: the refresh timer, the watchdog, inotify on the socket's and
-   the token file's folders (a restarted bot gets a token at once; a new login written
-   by another program is picked up), and signals.
+7. Sleep on one ``select``: the refresh timer, the watchdog, inotify on the bot's socket
+   (on its folder while it is missing) and on the token file's folder (a restarted bot
+   gets a token at once; a new login written by another program is picked up), and
+   signals.
 8. Transient endpoint failures back off exponentially with full jitter; a rejected
    refresh token stops the refreshes, keeps delivering the still-valid access token, and
    waits for a new login (the token file changing) or SIGHUP/SIGUSR1.
