@@ -630,6 +630,15 @@ class Token:
     def valid_for(self, now: float) -> float:
         return self.expires_at - now
 
+    def refresh_margin(self, margin: float) -> float:
+        """Refresh this long before expires_at: the setting, at most half the lifetime."""
+        return min(margin, self.lifetime / 2)
+
+    def refresh_token_expiry(self, lifetime_days: float) -> Optional[float]:
+        """When the refresh token dies: lifetime_days after the login, if that is known."""
+        created = self.creation_timestamp
+        return None if created is None else created + lifetime_days * 86400
+
 
 def give_to_folder_owner(fd: int, folder: Path) -> None:
     """Run as root (a manual --once or --login), leave files the service user can open."""
@@ -881,10 +890,6 @@ class TokenStore:
 
 
 # -------------------------------------------------------------------- OAuth client
-
-
-class NoRedirects(Exception):
-    pass
 
 
 class OAuthClient:
@@ -1646,7 +1651,7 @@ class Sender:
 
     def refresh_due_at(self, token: Token, now_wall: float, now_mono: float) -> float:
         """Monotonic time of the next refresh: expires_at - margin, capped by the interval."""
-        margin = min(self.settings.refresh_margin_seconds, token.lifetime / 2)
+        margin = token.refresh_margin(self.settings.refresh_margin_seconds)
         by_expiry = now_mono + (token.expires_at - margin - now_wall)
         if self.last_refresh_mono is None:
             issued_wall = token.expires_at - token.lifetime
@@ -1743,10 +1748,7 @@ class Sender:
         return True
 
     def refresh_token_expiry(self, token: Token) -> Optional[float]:
-        created = token.creation_timestamp
-        if created is None:
-            return None
-        return created + self.settings.refresh_token_lifetime_days * 86400
+        return token.refresh_token_expiry(self.settings.refresh_token_lifetime_days)
 
     def report_refresh_token_age(self, at_refresh: bool) -> None:
         """WARNING days before the weekly re-login is due; ERROR once it is past."""
@@ -1888,7 +1890,7 @@ class Daemon:
         s.schedule_from(token)
         # Before any delivery: a bot that starts while we deliver must look new afterwards.
         s.bot_inode = s.bot_socket_identity()
-        margin = min(s.settings.refresh_margin_seconds, token.lifetime / 2)
+        margin = token.refresh_margin(s.settings.refresh_margin_seconds)
         if token.valid_for(self.sender.clock.time()) > margin:
             log.info("access token %s on disk is valid until %s; next refresh in %s",
                      fingerprint(token.access_token), when(token.expires_at),
@@ -2075,7 +2077,7 @@ def run_once(sender: Sender, force: bool) -> int:
     s = sender
     token = s.load()
     write_failed = False
-    margin = min(s.settings.refresh_margin_seconds, token.lifetime / 2)
+    margin = token.refresh_margin(s.settings.refresh_margin_seconds)
     if force or token.valid_for(s.clock.time()) <= margin:
         for attempt in range(1, ONCE_REFRESH_ATTEMPTS + 1):
             try:
@@ -2329,11 +2331,10 @@ def _check_token(report: Report, settings: Settings, token: Token, login: str) -
     else:
         report.warn(f"access token expired {duration(left)} ago; the sender refreshes it "
                     "at start")
-    created = token.creation_timestamp
-    if created is None:
+    expiry = token.refresh_token_expiry(settings.refresh_token_lifetime_days)
+    if expiry is None:
         report.warn("token file has no creation_timestamp: refresh-token age unknown")
         return
-    expiry = created + settings.refresh_token_lifetime_days * 86400
     left = expiry - now
     if left <= 0:
         report.fail(f"refresh token expired at {when(expiry)}: run {login}", EXIT_NOPERM)
@@ -2384,10 +2385,10 @@ def run_status(settings: Settings, token_path: Path, login: str = LOGIN_COMMAND)
     else:
         print(f"access token    {fp} EXPIRED at {when(token.expires_at)} ({duration(left)} ago)")
     created = token.creation_timestamp
-    if created is None:
+    expiry = token.refresh_token_expiry(settings.refresh_token_lifetime_days)
+    if created is None or expiry is None:
         print("refresh token   age unknown (no creation_timestamp)")
     else:
-        expiry = created + settings.refresh_token_lifetime_days * 86400
         rleft = expiry - now
         print(f"refresh token   obtained {when(created)} ({duration(now - created)} ago), "
               f"expires {when(expiry)} "

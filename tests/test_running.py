@@ -216,3 +216,26 @@ def test_relative_paths_on_the_command_line_are_relative_to_the_working_director
     assert (sender.workdir / "here.log").is_file()
     assert (sender.workdir / "here.json").is_file()
     sender.registry.add_path(sender.workdir / "here.log", sender.workdir / "here.json")
+
+
+@pytest.mark.parametrize(
+    ("environ", "proxy"),
+    [
+        ({}, None),
+        ({"https_proxy": "http://proxy.example:3128"}, "proxy.example:3128"),
+        ({"HTTPS_PROXY": "proxy.example:8080"}, "proxy.example:8080"),
+        ({"https_proxy": "http://p:1", "no_proxy": "localhost,.schwabapi.com"}, None),
+        ({"https_proxy": "http://p:1", "NO_PROXY": "*"}, None),
+        ({"https_proxy": "http://p:1", "no_proxy": "example.com"}, "p:1"),
+    ],
+)
+def test_https_proxy_and_no_proxy_choose_the_tunnel(
+    environ: dict, proxy: str | None
+) -> None:
+    from urllib.parse import urlsplit
+
+    from tests.sender_module import tsr
+
+    url = urlsplit("https://api.schwabapi.com/v1/oauth/token")
+    found = tsr._proxy_for(url, environ)
+    assert (found.netloc if found is not None else None) == proxy
